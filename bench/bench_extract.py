@@ -14,6 +14,11 @@ Forward FLOPs per token: 2 * (matmul parameters incl. the LM head) + 2 * n_layer
 (attention scores and weighted values, causal half of T x T, two matmuls).
 
 Usage: python bench/bench_extract.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
+       [--d D --layers L --T T --batch B]   (the model and segments of the memory runs (c))
+
+On CUDA the throughput shapes are fixed (1024 segments of 512 tokens, d 1024, 8 layers, vocab
+32000, batch 32; 256 segments with --quick), every timed region ends with
+``torch.cuda.synchronize()``, and (c) also reports the peak allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -132,11 +137,13 @@ def child(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
+    _sync(args.device)
     t = time.perf_counter()
     if args.method == "ours":
         ours(model, segs, args.batch)
     else:
         naive_batched(model, segs, args.device, args.batch)
+    _sync(args.device)  # CUDA kernels run asynchronously: wait for them before reading the clock
     res = {"seconds": time.perf_counter() - t, "peak_rss_mb": (peak_rss_kb() - base) / 1024}
     if args.device.startswith("cuda"):
         res["peak_gpu_mb"] = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20

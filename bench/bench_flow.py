@@ -59,7 +59,7 @@ def main() -> None:
     t_flow = time.perf_counter() - t
     assert out["ran"] == res.stats.ran, (out, res.stats)
     segs = res.stats.segments
-    print(f"\n| run | work units | segments | wall s | segments/s |\n|---|---:|---:|---:|---:|")
+    print("\n| run | work units | segments | wall s | segments/s |\n|---|---:|---:|---:|---:|")
     print(f"| in process | {res.stats.ran} | {segs} | {t_in:.1f} | {segs / t_in:.1f} |")
     print(f"| scan-models flow, local Ray | {out['ran']} | {segs} | {t_flow:.1f} | {segs / t_flow:.1f} |")
     print(f"\nratio flow / in-process: {t_flow / t_in:.2f}")

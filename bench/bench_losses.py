@@ -7,10 +7,17 @@
     round, in a shuffled order) so load drift on a shared machine hits them alike; median over the
     rounds after warm-up. (a') the auxiliary loss alone, forward + backward on one layer's states.
 (b) push-away forward + backward: ours (|sum u|^2, O(N d)) vs the naive N x N cosine matrix, time
-    (median of repeats) and peak RSS above the RSS before the call (Linux VmHWM after clear_refs),
-    each (method, N) in a fresh subprocess.
+    (median of repeats) and peak RSS above the RSS before the call (Linux VmHWM after clear_refs;
+    on CUDA: peak allocated GPU memory above the allocation before the call), each (method, N) in
+    a fresh subprocess.
+
+On CUDA (``--device cuda``) the training step runs under bf16 autocast (``dtype auto`` of the
+trainer) and every timed region is bracketed by ``torch.cuda.synchronize()``. Heads default to
+``max(4, d / 64)`` and the Llama MLP width to 8d/3 rounded up to a multiple of 8 (4 and 344 at the
+default d = 128), so ``--d 768 --layers 12 --T 512 --B 8 --vocab 50304`` is a GPT-2-124M-like shape.
 
     .venv/bin/python bench/bench_losses.py [--threads 1] [--rounds 20] [--skip-memory]
+    python bench/bench_losses.py --device cuda --d 768 --layers 12 --T 512 --B 8 --vocab 50304
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dispersion import losses as L  # noqa: E402
 from dispersion import train as T  # noqa: E402
 
-CONFIGS = [  # (label, LossSpec kwargs or None for CE alone)
+CONFIGS = [  # (label, LossSpec kwargs or None for CE alone); {L} = --layers, {N} = B * T
     ("CE only", None),
     ("+ push_away (flatten, final)", dict(name="push_away")),
     ("+ cross_domain (flatten, final)", dict(name="cross_domain")),
@@ -41,25 +48,31 @@ CONFIGS = [  # (label, LossSpec kwargs or None for CE alone)
     ("+ decorrelation (sequence, final)", dict(name="decorrelation")),
     ("+ l2_repel (sequence, final)", dict(name="l2_repel")),
     ("+ orthogonal (sequence, final)", dict(name="orthogonal")),
-    ("+ push_away (flatten, all 4 layers)", dict(name="push_away", where="all")),
-    ("+ dispersion (sequence, all 4 layers)", dict(name="dispersion", where="all")),
-    ("+ dispersion (flatten N=2048, final)", dict(name="dispersion", scope="flatten")),
+    ("+ push_away (flatten, all {L} layers)", dict(name="push_away", where="all")),
+    ("+ dispersion (sequence, all {L} layers)", dict(name="dispersion", where="all")),
+    ("+ dispersion (flatten N={N}, final)", dict(name="dispersion", scope="flatten")),
     ("+ dispersion (flatten, max_tokens=32)", dict(name="dispersion", scope="flatten", max_tokens=32)),
 ]
 
 
+def configs(args) -> list[tuple[str, dict | None]]:
+    """CONFIGS with the labels filled in for this run's shape."""
+    return [(label.format(L=args.layers, N=args.B * args.T), kw) for label, kw in CONFIGS]
+
+
 def make_model(arch: str, vocab: int, d: int, layers: int, ctx: int):
+    heads = max(4, d // 64)  # 4 at d = 128 (the zoo's shape), 12 at d = 768 (GPT-2 small)
     if arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=d, n_layer=layers, n_head=4, resid_pdrop=0.0,
+        cfg = GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=d, n_layer=layers, n_head=heads, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=ctx, hidden_size=d, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, intermediate_size=344, bos_token_id=0,
-                      eos_token_id=0)
+                      num_attention_heads=heads, num_key_value_heads=heads,
+                      intermediate_size=-(-(8 * d // 3) // 8) * 8, bos_token_id=0, eos_token_id=0)
     return LlamaForCausalLM(cfg)
 
 
@@ -70,19 +83,22 @@ def sync(device: torch.device) -> None:
 
 def train_steps(args) -> dict:
     device = torch.device(args.device)
-    amp = "bfloat16" if device.type == "cuda" else "float32"
     results = {}
     for arch in ("gpt2", "llama"):
         torch.manual_seed(0)
         model = make_model(arch, args.vocab, args.d, args.layers, args.T).to(device)
         model.train()
         spec = T.TrainSpec(steps=1, batch_size=args.B, seq_len=args.T, lr=1e-4, device=args.device)
+        amp = T.amp_dtype(spec, device)  # dtype auto: bf16 autocast on CUDA, fp32 on CPU
         opt = T.make_optimizer(model, spec)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, args.vocab, (args.B, args.T + 1), generator=g)
         half = args.B // 2
         batch = T.Batch(x[:, :-1], x[:, 1:], torch.tensor([0] * half + [1] * (args.B - half)), ("a", "b"))
-        fns = [(label, None if kw is None else L.make_aux_loss(L.LossSpec(lam=0.1, **kw))) for label, kw in CONFIGS]
+        fns = [(label, None if kw is None else L.make_aux_loss(L.LossSpec(lam=0.1, **kw)))
+               for label, kw in configs(args)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times = {label: [] for label, _ in fns}
         order = random.Random(0)
         for r in range(args.warmup + args.rounds):
@@ -97,6 +113,10 @@ def train_steps(args) -> dict:
                 if r >= args.warmup:
                     times[label].append(time.perf_counter() - t)
         results[arch] = {label: statistics.median(v) for label, v in times.items()}
+        results[arch]["_amp"] = amp
+        if device.type == "cuda":
+            results[arch]["_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        del model, opt
     return results
 
 
@@ -108,7 +128,7 @@ def loss_only(args) -> dict:
     batch = T.Batch(None, None, torch.tensor([0] * (args.B // 2) + [1] * (args.B - args.B // 2)), ("a", "b"))
     out = type("Outputs", (), {"hidden_states": (H, H)})()
     res = {}
-    for label, kw in CONFIGS:
+    for label, kw in configs(args):
         if kw is None or kw.get("where") == "all":
             continue
         fn = L.make_aux_loss(L.LossSpec(**kw))
@@ -145,22 +165,33 @@ def naive_push_away(H: torch.Tensor) -> torch.Tensor:
 
 
 def child(args) -> None:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    H = (torch.randn(args.n, args.d) + 0.5).requires_grad_(True)
+    H = (torch.randn(args.n, args.d) + 0.5).to(device).requires_grad_(True)
     fn = (lambda h: L.push_away(h[None])) if args.method == "ours" else naive_push_away
     times, val = [], None
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = _status_kb("VmRSS")
+    if cuda:
+        fn(H).backward()  # warm-up: CUDA context, kernels and the allocator, outside the measurement
+        H.grad = None
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _status_kb("VmRSS")
     for _ in range(args.repeats):
         H.grad = None
+        sync(device)
         t = time.perf_counter()
         loss = fn(H)
         loss.backward()
+        sync(device)
         times.append(time.perf_counter() - t)
         val = float(loss.detach())
-    print(json.dumps({"seconds": statistics.median(times), "peak_mb": (_status_kb("VmHWM") - base) / 1024,
-                      "value": val}))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (_status_kb("VmHWM") - base) / 1024
+    print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak, "value": val}))
 
 
 def push_away_table(args) -> list[dict]:
@@ -172,7 +203,7 @@ def push_away_table(args) -> list[dict]:
                 row[method] = None
                 continue
             cmd = [sys.executable, __file__, "--child", "--method", method, "--n", str(n), "--d", str(args.d),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                   "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row[method] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -204,15 +235,21 @@ def main() -> None:
         child(args)
         return
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), device {args.device}, "
+    cuda = torch.device(args.device).type == "cuda"
+    gpu = f" ({torch.cuda.get_device_name(torch.device(args.device))})" if cuda else ""
+    print(f"torch {torch.__version__}, {args.threads} thread(s), device {args.device}{gpu}, "
           f"load average {os.getloadavg()[0]:.2f}")
     if not args.skip_train:
         res = train_steps(args)
-        print(f"\n(a) training step, B={args.B}, T={args.T}, d={args.d}, {args.layers} layers, vocab {args.vocab}; "
-              f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up\n")
-        print("| loss | GPT-2 ms/step | ratio | Llama ms/step | ratio |")
+        print(f"\n(a) training step, B={args.B}, T={args.T}, d={args.d}, {args.layers} layers, vocab {args.vocab}, "
+              f"{res['gpt2']['_amp']}{' autocast' if res['gpt2']['_amp'] != 'float32' else ''}; "
+              f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up")
+        if cuda:
+            print(f"peak GPU memory over all configurations: GPT-2 {res['gpt2']['_peak_gpu_mb']:.0f} MB, "
+                  f"Llama {res['llama']['_peak_gpu_mb']:.0f} MB")
+        print("\n| loss | GPT-2 ms/step | ratio | Llama ms/step | ratio |")
         print("|---|---:|---:|---:|---:|")
-        for label, _ in CONFIGS:
+        for label, _ in configs(args):
             g, lm = res["gpt2"][label], res["llama"][label]
             print(f"| {label} | {1e3 * g:.1f} | {g / res['gpt2']['CE only']:.3f}x | {1e3 * lm:.1f} | "
                   f"{lm / res['llama']['CE only']:.3f}x |")
@@ -224,8 +261,9 @@ def main() -> None:
         for label, sec in alone.items():
             print(f"| {label.lstrip('+ ')} | {1e3 * sec:.2f} | {sec / res['gpt2']['CE only']:.3f} |")
     if not args.skip_memory:
-        print(f"\n(b) push-away forward + backward, d={args.d}, float32, median of {args.repeats}; "
-              f"peak RSS above the RSS before the call\n")
+        what = "peak GPU memory allocated" if cuda else "peak RSS"
+        print(f"\n(b) push-away forward + backward, d={args.d}, float32, {args.device}, median of {args.repeats}; "
+              f"{what} above that before the call\n")
         print("| N | ours s | ours peak MB | naive s | naive peak MB | speedup | |ours - naive| |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for row in push_away_table(args):

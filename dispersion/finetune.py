@@ -419,9 +419,9 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
         try:
             model.save_pretrained(tmp)
             if isinstance(tok_src, Path):
-                from dispersion.train import _copy_tokenizer
+                from dispersion.checkpoints import copy_tokenizer
 
-                _copy_tokenizer(tok_src, tmp)
+                copy_tokenizer(tok_src, tmp)
             else:
                 tok_src.save_pretrained(tmp)
             mode = (tmp / "config.json").stat().st_mode & 0o777

@@ -111,6 +111,21 @@ _NORM_EPS = 1e-12
 # ----------------------------------------------------------------------------- input handling
 
 
+def _full_precision(fn: Callable) -> Callable:
+    """Run a loss with autocast off: its cosines, Gram matrices and arccos are computed in the
+    states' fp32 (``_prep`` upcasts bf16), never in bf16, where ``1 - ARCCOS_EPS`` rounds to 1
+    and arccos' gradient at the clamp is infinite."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(H, *args, **kwargs):
+        if isinstance(H, torch.Tensor) and torch.is_autocast_enabled(H.device.type):
+            with torch.autocast(device_type=H.device.type, enabled=False):
+                return fn(H, *args, **kwargs)
+        return fn(H, *args, **kwargs)
+    return wrapper
+
+
 def _prep(H: torch.Tensor, mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H as float32/64, mask as bool [B, T])``; raises ValueError on wrong shapes."""
     if not isinstance(H, torch.Tensor) or H.dim() != 3:
@@ -186,6 +201,7 @@ def _log_pair_sum(logits: torch.Tensor, pm: torch.Tensor, reduction: str) -> tor
 # ----------------------------------------------------------------------------- paper 001
 
 
+@_full_precision
 def mean_cosine_distance(H: torch.Tensor, mask: torch.Tensor | None = None, scope: Scope = "flatten") -> torch.Tensor:
     r"""Mean pairwise cosine distance :math:`d = 1 - \frac{\|s\|^2 - \sum_i\|u_i\|^2}{N(N-1)}`, :math:`s=\sum_i u_i` (001 Eq. 1), O(N d).
 
@@ -214,16 +230,19 @@ def mean_cosine_distance(H: torch.Tensor, mask: torch.Tensor | None = None, scop
     return d.mean()
 
 
+@_full_precision
 def push_away(H: torch.Tensor, mask: torch.Tensor | None = None, scope: Scope = "flatten") -> torch.Tensor:
     r"""Push-away loss :math:`-d_{avg}`, :math:`d_{avg} = \frac{1}{N(N-1)}\sum_{i \ne j}(1 - \tilde h_i\cdot\tilde h_j)` (001 §3.4), O(N d) via :math:`\|\sum_i \tilde h_i\|^2`."""
     return -mean_cosine_distance(H, mask, scope)
 
 
+@_full_precision
 def squeeze(H: torch.Tensor, mask: torch.Tensor | None = None, scope: Scope = "flatten") -> torch.Tensor:
     r"""Squeeze ablation :math:`+d_{avg}` (001 B.4.2): minimises the mean pairwise cosine distance, O(N d)."""
     return mean_cosine_distance(H, mask, scope)
 
 
+@_full_precision
 def cross_domain_push_away(H: torch.Tensor, mask: torch.Tensor | None, domain: torch.Tensor) -> torch.Tensor:
     r"""Cross-domain push-away :math:`-d_\times`, :math:`d_\times = 1 - \frac{\|s\|^2 - \sum_k\|s_k\|^2}{N^2 - \sum_k n_k^2}` over pairs of different domains only (001 §3.4), O(N d).
 
@@ -254,6 +273,7 @@ def cross_domain_push_away(H: torch.Tensor, mask: torch.Tensor | None, domain: t
 # ----------------------------------------------------------------------------- papers 002 / 003
 
 
+@_full_precision
 def dispersion_loss(H: torch.Tensor, mask: torch.Tensor | None = None, tau: float = 1.0, *,
                     scope: Scope = "sequence", reduction: Literal["sum", "mean"] = "sum",
                     eps: float = ARCCOS_EPS) -> torch.Tensor:
@@ -275,6 +295,7 @@ def dispersion_loss(H: torch.Tensor, mask: torch.Tensor | None = None, tau: floa
     return _log_pair_sum(-D / tau, _pair_mask(valid), reduction).mean()
 
 
+@_full_precision
 def orthogonalization(H: torch.Tensor, mask: torch.Tensor | None = None, margin: float = 0.5, *,
                       scope: Scope = "sequence", eps: float = ARCCOS_EPS) -> torch.Tensor:
     r"""Orthogonalization :math:`\mathrm{mean}_{i \ne j}\max(0, \tfrac12 - \arccos(\cos(z_i,z_j))/\pi)^2` (002/003 Table 1, margin 1/2 = orthogonal).
@@ -291,6 +312,7 @@ def orthogonalization(H: torch.Tensor, mask: torch.Tensor | None = None, margin:
     return (hinge.flatten(1).sum(1) / pm.flatten(1).sum(1).to(D.dtype)).mean()
 
 
+@_full_precision
 def l2_repel(H: torch.Tensor, mask: torch.Tensor | None = None, tau: float = 1.0, norm_lambda: float = 0.1, *,
              scope: Scope = "sequence", reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
     r"""l2-repel :math:`\log\sum_{i \ne j}\exp(-\|z_i - z_j\|^2/\tau) + \lambda_{norm}\,\overline{z^2}` (002/003 Table 1, with the norm term).
@@ -328,6 +350,7 @@ def _offdiag_sq_sum(X: torch.Tensor, over: Literal["rows", "cols"]) -> torch.Ten
     return total - (lens * lens).sum(-1)
 
 
+@_full_precision
 def decorrelation(H: torch.Tensor, mask: torch.Tensor | None = None, *, scope: Scope = "sequence",
                   axis: Literal["feature", "token"] = "feature",
                   reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -226,3 +227,31 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._publish(rel, data)
+
+    @_retrying
+    def upload(self, local: str, rel: str) -> None:
+        """Copy a local file to ``rel``, published atomically (streamed: large weights are fine)."""
+        final = self.path(rel)
+        if not self.local:
+            self.fs.put_file(local, final)  # S3: multipart, visible only once complete
+            return
+        parent, name = final.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(parent, exist_ok=True)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @_retrying
+    def download(self, rel: str, local: str) -> None:
+        """Copy ``rel`` to a local file (through a temporary sibling)."""
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.get_file(self.path(rel), tmp)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

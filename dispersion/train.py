@@ -35,7 +35,8 @@ optimized (LoRA adapters, or everything for full fine-tuning).
 Evaluation. ``eval_tokens`` maps ``(domain, split)`` to a 1-D array; ``eval_batches *
 batch_size`` windows of ``seq_len + 1`` tokens, evenly spaced over the array, are fixed once
 (the same at every evaluation and in every run); ``ppl = exp(mean token NLL)`` over them.
-Evaluations run at step 0 (before any update), every ``eval_every`` steps and at the last step.
+Evaluations run at step 0 (before any update), every ``eval_every`` steps, at every checkpoint
+step and at the last step (so each checkpoint has its own evaluation).
 
 Output folder ``out_dir``::
 
@@ -50,7 +51,10 @@ A checkpoint is written into a hidden temporary sibling and renamed into place, 
 step. ``train`` on an ``out_dir`` that holds checkpoints of the same run (same spec and
 ``run_key``) resumes from the newest one (the metrics log is cut back to that step); a run that
 is already complete returns at once with the model loaded from its last checkpoint. Checkpoints
-of another run are an error.
+of another run are an error. With a ``mirror`` (``dispersion.checkpoints.Mirror``) the folder is
+also kept in a store (S3 in production): checkpoints and the metrics log are uploaded as they
+are written, and a run whose local folder is missing or behind pulls the newest stored
+checkpoint first, so a run moved to another machine resumes instead of starting over.
 """
 
 from __future__ import annotations
@@ -60,9 +64,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +73,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from dispersion.checkpoints import (METRICS_FILE, STATE_FILE, TRAIN_FORMAT, Mirror, checkpoint_steps, load_checkpoint,
+                                    save_checkpoint, truncate_metrics)
 from dispersion.config import _Strict
 from dispersion.errors import ConfigError, DataError, ModelError, NonFiniteError
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-TRAINABLE_FILE = "trainable.safetensors"
-METRICS_FILE = "metrics.jsonl"
-TRAIN_FORMAT = 1
 # Rows of metrics.jsonl: kind "train" (one per step) and kind "eval" (one per domain and split).
 METRIC_FIELDS = {
     "train": ("kind", "step", "lr", "loss", "ce", "aux", "grad_norm", "tokens", "seconds"),
@@ -156,6 +155,7 @@ class TrainResult:
     metrics_path: Path
     seconds: float
     history: list[dict] = field(default_factory=list)  # every metrics row of the run, resumed part included
+    urls: dict[int, str] = field(default_factory=dict)  # step -> stored checkpoint URL (with a mirror)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -335,129 +335,12 @@ def evaluate(model, windows: Mapping[Any, Any], batch_size: int, *, device=None,
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- keys
 
 
 def _digest(payload: object) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
-
-
-def checkpoint_steps(out_dir: str | os.PathLike) -> list[int]:
-    """Steps of the complete checkpoints in ``out_dir`` (those with a trainer state), sorted."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    steps = []
-    for p in out.iterdir():
-        if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / STATE_FILE).is_file():
-            steps.append(int(p.name[4:]))
-    return sorted(steps)
-
-
-def _all_trainable(model) -> bool:
-    return all(p.requires_grad for p in model.parameters())
-
-
-def _copy_tokenizer(tokenizer, folder: Path) -> None:
-    if tokenizer is None:
-        return
-    if isinstance(tokenizer, (str, os.PathLike)):
-        src = Path(tokenizer)
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                 "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-        for f in src.iterdir():
-            if f.is_file() and (f.name in names or f.name.startswith("tokenizer")):
-                shutil.copy2(f, folder / f.name)
-    else:
-        tokenizer.save_pretrained(folder)
-
-
-def save_checkpoint(model, optimizer, folder: Path, *, step: int, key: str, tokenizer=None,
-                    export: Callable | None = None) -> Path:
-    """Write ``folder`` atomically: the model (``export(model, tmp)`` or ``save_pretrained``),
-    the tokenizer, the optimizer state, the trainable weights when needed, the trainer state."""
-    import torch
-    from safetensors.torch import save_file
-
-    from dispersion.zoo import _clean_stale_tmp, _quiet_transformers, _tmp_sibling
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(folder.parent)
-    tmp = _tmp_sibling(folder)
-    tmp.mkdir()
-    try:
-        with _quiet_transformers():  # no "Writing model shards" bar per checkpoint
-            if export is None:
-                model.save_pretrained(tmp)
-            else:
-                export(model, tmp)
-        _copy_tokenizer(tokenizer, tmp)
-        trainable = None
-        if export is not None or not _all_trainable(model):
-            trainable = TRAINABLE_FILE
-            save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                      str(tmp / TRAINABLE_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        # safetensors are written 0600; give every file the umask-honouring mode of config.json
-        ref = tmp / "config.json"
-        if ref.exists():
-            mode = ref.stat().st_mode & 0o777
-            for f in tmp.iterdir():
-                if f.is_file():
-                    os.chmod(f, mode)
-        state = {"format": TRAIN_FORMAT, "step": step, "key": key, "trainable": trainable}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        if folder.exists():  # a stale folder of the same step (e.g. without trainer state)
-            trash = folder.with_name(f".old-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.replace(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def load_checkpoint(model, optimizer, folder: Path, device) -> dict:
-    """Load a checkpoint's weights and optimizer state into ``model`` / ``optimizer``."""
-    import torch
-
-    state = json.loads((folder / STATE_FILE).read_text())
-    if state.get("trainable"):
-        from safetensors.torch import load_file
-
-        saved = load_file(str(folder / state["trainable"]))
-        params = dict(model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-        if missing or any(n not in params for n in saved):
-            raise ModelError(f"train: checkpoint {folder} does not match the model's trainable parameters")
-        with torch.no_grad():
-            for n, t in saved.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
-    else:
-        dtype = next(model.parameters()).dtype
-        loaded = type(model).from_pretrained(folder, dtype=dtype)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
-    return state
-
-
-def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
-    """Rows of ``out_dir/metrics.jsonl`` (``[]`` when there is none)."""
-    path = Path(out_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, last_step: int) -> list[dict]:
-    rows = [r for r in read_metrics(path.parent) if r["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return rows
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -466,7 +349,7 @@ def _truncate_metrics(path: Path, last_step: int) -> list[dict]:
 def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | os.PathLike,
           eval_tokens: Mapping[tuple[str, str], Any] | None = None, aux_loss: Callable | None = None,
           on_eval: Callable[[int, dict], None] | None = None, tokenizer=None, export: Callable | None = None,
-          run_key: object = None, progress: bool = False) -> TrainResult:
+          run_key: object = None, mirror: Mirror | None = None, progress: bool = False) -> TrainResult:
     """Train ``model`` (a ``transformers`` causal LM, possibly wrapped by ``peft``) in place.
 
     ``tokens``: ``{domain: ids}`` training data; ``eval_tokens``: ``{(domain, split): ids}``;
@@ -475,8 +358,10 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     or tokenizer object copied into every checkpoint; ``export(model, folder)`` writes the
     loadable model of a checkpoint (default ``model.save_pretrained``); ``run_key``: anything
     JSON-able identifying the model, data and loss, hashed with the spec to tell whether
-    ``out_dir``'s checkpoints belong to this run. The model is moved to ``spec.device`` and
-    left there in eval mode. See the module doc.
+    ``out_dir``'s checkpoints belong to this run; ``mirror``: a store copy of the run
+    (``checkpoints.Mirror``): every checkpoint and the metrics log are uploaded as they are
+    written, and a newer stored checkpoint than any in ``out_dir`` is pulled and resumed from.
+    The model is moved to ``spec.device`` and left there in eval mode. See the module doc.
     """
     import torch
     from tqdm.auto import tqdm
@@ -513,6 +398,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     history: list[dict] = []
     start, resumed = 0, None
 
+    if mirror is not None:
+        mirror.sync_down(out)
     done = checkpoint_steps(out)
     if done:
         last = out / f"step{done[-1]}"
@@ -523,7 +410,10 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
         load_checkpoint(model, optimizer, last, device)
         start = resumed = done[-1]
         checkpoints = {s: out / f"step{s}" for s in done}
-        history = _truncate_metrics(metrics_path, start)
+        history = truncate_metrics(metrics_path, start)
+        if mirror is not None and start not in mirror.steps():  # the store missed the last upload
+            mirror.push_checkpoint(last)
+            mirror.push_metrics(metrics_path)
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
@@ -541,6 +431,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    urls: dict[int, str] = {}
+
     def run_eval(step: int) -> None:
         if not windows:
             return
@@ -551,12 +443,17 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
             last_eval[(dom, split)] = ppl
             log({"kind": "eval", "step": step, "domain": dom, "split": split, "loss": nll, "ppl": ppl,
                  "n_tokens": n, "seconds": round(time.perf_counter() - t, 4)})
+        if mirror is not None:
+            mirror.push_metrics(metrics_path)
         if on_eval is not None:
             on_eval(step, dict(last_eval))
 
     def save(step: int) -> None:
         checkpoints[step] = save_checkpoint(model, optimizer, out / f"step{step}", step=step, key=key,
                                             tokenizer=tokenizer, export=export)
+        if mirror is not None:
+            urls[step] = mirror.push_checkpoint(checkpoints[step])
+            mirror.push_metrics(metrics_path)
 
     def loop() -> float | None:
         loss_out = final_loss
@@ -587,7 +484,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
                      "tokens": step * tokens_per_step, "seconds": round(time.perf_counter() - t0, 4)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_out:.3f}")
-            if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps:
+            if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps or step in save_at:
                 run_eval(step)
             if step in save_at:
                 save(step)
@@ -598,5 +495,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         final_loss = loop()
     model.eval()
+    if mirror is not None:
+        urls = {s: mirror.url(s) for s in mirror.steps()}
     return TrainResult(out, spec.steps, resumed, dict(sorted(checkpoints.items())), final_loss, last_eval,
-                       metrics_path, time.perf_counter() - t0, history)
+                       metrics_path, time.perf_counter() - t0, history, urls)

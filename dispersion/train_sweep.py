@@ -7,10 +7,12 @@ grid (loss x lambda x learning rate x seed). Every arm is one run of ``train.tra
 auxiliary loss of ``dispersion.losses``; the baseline (``none``) runs once per (lr, seed).
 
 Each arm is keyed by all its inputs; its per-(domain, split, step) perplexities are
-published as ``train_runs/{sweep}/arm={key}.parquet`` (a rerun skips finished arms); the
-checkpoints are written to a local work folder (an interrupted arm resumes from them) and
-each arm's final checkpoint is copied to ``checkpoints/{sweep}/arm={key}/stepN/`` in the
-store. The table:
+published as ``train_runs/{sweep}/arm={key}.parquet`` (a rerun skips finished arms). Each
+arm trains in a local work folder mirrored to ``checkpoints/{sweep}/arm={key}/`` in the
+store (``dispersion.checkpoints.Mirror``: checkpoints at ``train.save_at`` and the last step,
+and ``metrics.jsonl``, uploaded as they are written); an interrupted arm resumes from its
+newest checkpoint, local or stored, so a Ray task retried on another node does not start over.
+The table:
 
 * ``sweep``: per (loss, lambda, lr, domain, split, step) the mean and std over seeds of the
   perplexity, and its difference to the baseline of the same lr (absolute and %);
@@ -31,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from dispersion.checkpoints import Mirror
 from dispersion.config import RaySpec, ZooSpec, _digest, _Strict, read_yaml, validate
 from dispersion.errors import ConfigError, DataError
 from dispersion.losses import LossOptions, LossSpec
@@ -117,15 +120,6 @@ ARM_SCHEMA = pa.schema([
 ])
 
 
-def publish_checkpoint(store: Store, folder: Path, rel: str) -> str:
-    """Copy a local checkpoint folder's files into the store under ``rel`` (each file published
-    atomically; the arm's table, written after, is what marks the arm done). Returns its URL."""
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            store.write_bytes(f"{rel}/{f.name}", f.read_bytes())
-    return store.url(rel)
-
-
 def _tokens(cfg: SweepConfig):
     from dispersion.zoo import token_splits
 
@@ -180,11 +174,12 @@ def run_arm(cfg: SweepConfig, arm: Arm, store: Store, log: Callable[[str], None]
     loss = LossSpec.model_validate(opts)
     aux = make_aux_loss(loss) if arm.loss != "none" else None
     out = Path(cfg.workdir) / cfg.name / arm.key(cfg)
+    mirror = Mirror(store, f"checkpoints/{cfg.name}/arm={arm.key(cfg)}")
     result = train(model, tokens, spec, out_dir=out, eval_tokens=evals, aux_loss=aux, tokenizer=str(tok_dir),
-                   run_key={"arm": arm.key(cfg)})
+                   run_key={"arm": arm.key(cfg)}, mirror=mirror)
     train_loss = {r["step"]: r["loss"] for r in result.history if r["kind"] == "train"}
     last = max(result.checkpoints)
-    url = publish_checkpoint(store, result.checkpoints[last], f"checkpoints/{cfg.name}/arm={arm.key(cfg)}/step{last}")
+    url = result.urls[last]
     rows = [{"sweep": cfg.name, "arm": arm.key(cfg), "loss": arm.loss, "lam": arm.lam, "lr": arm.lr,
              "seed": arm.seed, "domain": r["domain"], "split": r["split"], "step": r["step"], "ppl": r["ppl"],
              "train_loss": train_loss.get(r["step"]), "seconds": result.seconds,
@@ -274,6 +269,16 @@ def plot_sweep(runs: pa.Table) -> bytes:
     return fig.png("Training with dispersion losses")
 
 
+def _local_checkpoint(cfg: SweepConfig, store: Store, row: dict) -> str:
+    """The arm's final checkpoint on this machine: its work folder, else pulled from the store
+    (the arm may have trained on another node)."""
+    local = Path(row["checkpoint"])
+    if (local / "config.json").is_file():
+        return str(local)
+    mirror = Mirror(store, f"checkpoints/{cfg.name}/arm={row['arm']}")
+    return str(mirror.pull(int(local.name[4:]), Path(cfg.workdir) / cfg.name / row["arm"]))
+
+
 def condensation_maps(cfg: SweepConfig, runs: pa.Table, store: Store) -> bytes | None:
     """Condensation maps (papers 002/003) of the final checkpoint of seed ``min(seeds)`` of the
     baseline and of every (loss, lambda, lr) arm, on validation segments of the first domain."""
@@ -285,8 +290,9 @@ def condensation_maps(cfg: SweepConfig, runs: pa.Table, store: Store) -> bytes |
     seed = min(cfg.grid.seeds)
     picked: dict[str, str] = {}
     for r in sorted(rows, key=lambda r: (r["loss"] != "none", r["loss"], r["lam"], r["lr"])):
-        if r["seed"] == seed:
-            picked.setdefault(f"{r['loss']} λ={r['lam']:g} lr={r['lr']:g}", r["checkpoint"])
+        label = f"{r['loss']} λ={r['lam']:g} lr={r['lr']:g}"
+        if r["seed"] == seed and label not in picked:
+            picked[label] = _local_checkpoint(cfg, store, r)
     _, evals = _tokens(cfg)
     ids = evals[(cfg.domains[0], "validation")]
     L = min(cfg.train.seq_len, 128)

@@ -8,8 +8,9 @@ a laptop CPU, and reused afterwards:
   both embedded domains (``prose`` and ``code``). ``<|endoftext|>`` is bos, eos and pad; the
   post-processor adds no special tokens (the extractor prepends BOS itself).
 * ``build_zoo``: tokenizes the corpus once (cached as ``tokens-{split}.npy``), then trains each
-  model of ``ZOO_MODELS`` with a small nanoGPT-style loop and saves the checkpoints listed in
-  ``ZooSpec.checkpoints``.
+  model of ``ZOO_MODELS`` with the project's trainer (``dispersion.train.train``, the loop the
+  dispersion-loss sweeps use; :func:`zoo_train_spec` gives its settings) and keeps the
+  checkpoints listed in ``ZooSpec.checkpoints``.
 
 Cache layout (``ZooSpec.cache``, relative paths are relative to the working directory)::
 
@@ -19,10 +20,12 @@ Cache layout (``ZooSpec.cache``, relative paths are relative to the working dire
     {cache}/tokens.json                tokenizer key + per-domain [start, end) ranges
     {cache}/{name}/step{N}/            config.json, model.safetensors, tokenizer files
     {cache}/{name}/train_log.json      per checkpoint: step, losses, tokens seen, seconds
+    {cache}/{name}/metrics.jsonl       the trainer's log (every step; evaluations at checkpoints)
     {cache}/{name}/_SUCCESS            hash of everything that changes the weights
 
-A model is built in a temporary sibling folder and renamed into place only when complete,
-so a crash leaves nothing half-built and a rebuild skips models whose ``_SUCCESS`` matches.
+A model trains in a hidden sibling ``.build-{name}-{key}`` and is renamed into place only when
+complete, so nothing half-built is ever visible; a crashed build resumes from its newest
+checkpoint there, and a rebuild skips models whose ``_SUCCESS`` matches.
 ``transformers`` and ``torch`` are imported lazily (importing this module is cheap).
 """
 
@@ -32,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -57,8 +59,8 @@ DOMAINS = ("prose", "code")
 SUCCESS = "_SUCCESS"
 TOKENIZER_DIR = "tokenizer"
 # Bump when the build procedure changes in a way that changes the artifacts.
-ZOO_FORMAT = 1
-VAL_WINDOWS_PER_DOMAIN = 16
+ZOO_FORMAT = 2  # models; 2: trained by dispersion.train (equal rows per domain)
+TOKENIZER_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -111,17 +113,6 @@ ZOO_MODELS: dict[str, ZooRecipe] = {
 # What ``build_zoo(spec)`` builds when no names are given: the whole default zoo stays near two
 # minutes on 2 CPU cores. ``gpt2-small`` (another ~60 s) is built on request, by name.
 DEFAULT_ZOO: tuple[str, ...] = ("gpt2-tiny", "llama-small")
-
-# Optimizer and schedule shared by every zoo model (part of the build hash).
-TRAIN_HPARAMS: dict[str, float] = {
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "weight_decay": 0.1,
-    "warmup_frac": 0.1,
-    "min_lr_frac": 0.1,
-    "grad_clip": 1.0,
-}
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -250,7 +241,7 @@ def _torch_threads():
 
 
 def tokenizer_key(vocab_size: int) -> str:
-    return _digest({"format": ZOO_FORMAT, "vocab_size": vocab_size, "corpus": _corpus_key(),
+    return _digest({"format": TOKENIZER_FORMAT, "vocab_size": vocab_size, "corpus": _corpus_key(),
                     "special": SPECIAL_TOKEN})
 
 
@@ -382,7 +373,8 @@ def token_splits(cache: str | os.PathLike, vocab_size: int) -> dict[str, TokenSp
 def model_key(spec: ZooSpec, name: str) -> str:
     """Hash of the recipe and every ZooSpec field that changes the model's weights."""
     recipe = _recipe(name)
-    return _digest({"format": ZOO_FORMAT, "name": name, "recipe": asdict(recipe), "train": TRAIN_HPARAMS,
+    return _digest({"format": ZOO_FORMAT, "name": name, "recipe": asdict(recipe),
+                    "train": zoo_train_spec(spec, name).weights_key("float32"),
                     "spec": spec.model_dump(exclude={"cache", "checkpoints"}),
                     "checkpoints": sorted(set(spec.checkpoints)), "tokenizer": tokenizer_key(spec.vocab_size)})
 
@@ -422,129 +414,84 @@ def zoo_train_log(cache: str | os.PathLike, name: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- training
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup then cosine decay to ``min_lr_frac * peak`` at ``total``."""
-    warmup = max(1, int(TRAIN_HPARAMS["warmup_frac"] * total))
-    lo = TRAIN_HPARAMS["min_lr_frac"] * peak
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lo + 0.5 * (peak - lo) * (1.0 + math.cos(math.pi * frac))
+def zoo_train_spec(spec: ZooSpec, name: str):
+    """The :class:`dispersion.train.TrainSpec` a zoo model is trained with: ``spec.train_steps``
+    updates of ``batch_size`` x ``seq_len`` tokens (rows split equally between the domains),
+    the recipe's peak learning rate, warm-up over the first 10 %, cosine to 10 %, AdamW
+    (0.9, 0.95), weight decay 0.1, clipping at 1; fp32 on the CPU (bit-reproducible); an
+    evaluation and a checkpoint at every step of ``spec.checkpoints``."""
+    from dispersion.train import TrainSpec
 
-
-def _fixed_windows(ts: TokenSplit, length: int, per_domain: int):
-    """Evenly spaced windows of ``length`` tokens from each domain (the same for every model)."""
-    import torch
-
-    rows, labels = [], []
-    for dom, (a, b) in ts.domains.items():
-        if b - a < length:
-            continue
-        for s in np.linspace(a, b - length, per_domain).astype(np.int64):
-            rows.append(ts.ids[s:s + length])
-            labels.append(dom)
-    return torch.from_numpy(np.stack(rows).astype(np.int64)), labels
-
-
-def _window_losses(model, windows, batch: int = 16):
-    """Mean next-token cross entropy of each window (nats)."""
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            x = windows[i:i + batch]
-            logits = model(input_ids=x[:, :-1]).logits
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-            out.append(ce.view(x.shape[0], -1).mean(1))
-    model.train()
-    return torch.cat(out)
+    recipe = _recipe(name)
+    return TrainSpec(steps=spec.train_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=recipe.lr,
+                     min_lr_ratio=0.1, warmup_steps=max(1, spec.train_steps // 10), weight_decay=0.1,
+                     betas=(0.9, 0.95), grad_clip=1.0, eval_batches=1, save_at=sorted(set(spec.checkpoints)),
+                     seed=spec.seed, device="cpu", dtype="float32")
 
 
 def _train_model(name: str, spec: ZooSpec, tokens: dict[str, TokenSplit], tok_dir: Path, out: Path,
                  progress: bool) -> dict[str, Any]:
-    """Train one model, saving ``out/step{N}`` at each checkpoint; returns the train log."""
+    """Train one model with ``dispersion.train.train`` into ``out`` (``step{N}`` at each
+    checkpoint, ``metrics.jsonl``; an interrupted build resumes there) and return the train log."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
+    from dispersion.train import train
+
     recipe = _recipe(name)
-    ckpts = _check_spec(spec, recipe)
-    last = ckpts[-1]
+    _check_spec(spec, recipe)
     tok = _load_raw_tokenizer(tok_dir)
     special = tok.token_to_id(SPECIAL_TOKEN)
     config = recipe.config(tok.get_vocab_size(), special, special, special)
-    tok_files = [p for p in tok_dir.iterdir() if p.is_file() and p.name != SUCCESS]
-
-    train = tokens["train"].ids
-    T, B = spec.seq_len, spec.batch_size
-    if train.size < T + 2:
-        raise ModelError(f"zoo: train split has {train.size} tokens, fewer than seq_len {T}")
-    # nanoGPT-style windows of T+1 tokens: input x[:, :-1], target x[:, 1:].
-    val_x, val_dom = _fixed_windows(tokens["validation"], T + 1, VAL_WINDOWS_PER_DOMAIN)
-    trn_x, _ = _fixed_windows(tokens["train"], T + 1, VAL_WINDOWS_PER_DOMAIN)
-    rng = np.random.default_rng(spec.seed)
-    offsets = np.arange(T + 1)
-
-    def batch():
-        starts = rng.integers(0, train.size - T - 1, size=B)
-        return torch.from_numpy(train[starts[:, None] + offsets].astype(np.int64))
-
+    tspec = zoo_train_spec(spec, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config)
-        model.train()
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN_HPARAMS["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=recipe.lr, betas=(TRAIN_HPARAMS["beta1"], TRAIN_HPARAMS["beta2"]))
-        records = []
-        t0 = time.perf_counter()
-        lr = 0.0
-        bar = tqdm(total=last, desc=f"zoo {name}", disable=not progress, leave=True, unit="step")
-        for step in range(last + 1):
-            if step in ckpts:
-                v = _window_losses(model, val_x)
-                by_dom = {d: float(v[[i for i, x in enumerate(val_dom) if x == d]].mean())
-                          for d in dict.fromkeys(val_dom)}
-                rec = {"step": step, "train_loss": float(_window_losses(model, trn_x).mean()),
-                       "val_loss": float(v.mean()), "val_loss_by_domain": by_dom,
-                       "tokens_seen": step * B * T, "seconds": round(time.perf_counter() - t0, 3), "lr": lr}
-                records.append(rec)
-                step_dir = out / f"step{step}"
-                model.save_pretrained(step_dir)
-                # safetensors are written 0600; give them the umask-honouring mode of config.json
-                mode = (step_dir / "config.json").stat().st_mode & 0o777
-                for f in step_dir.iterdir():
-                    os.chmod(f, mode)
-                for f in tok_files:
-                    shutil.copy2(f, step_dir / f.name)
-                bar.set_postfix(val=f"{rec['val_loss']:.3f}")
-            if step == last:
-                break
-            lr = _lr_at(step, spec.train_steps, recipe.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = batch()
-            logits = model(input_ids=x[:, :-1]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN_HPARAMS["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
+    data = {d: tokens["train"] for d in DOMAINS}
+    evals = {(d, s): tokens[s] for d in DOMAINS for s in ("validation", "train")}
+    result = train(model, data, tspec, out_dir=out, eval_tokens=evals, tokenizer=str(tok_dir),
+                   run_key={"zoo": name, "recipe": asdict(recipe), "tokenizer": tokenizer_key(spec.vocab_size)},
+                   progress=progress)
+    evals_at: dict[int, dict[tuple[str, str], float]] = {}
+    trained: dict[int, dict] = {}
+    for r in result.history:
+        if r["kind"] == "eval":
+            evals_at.setdefault(r["step"], {})[(r["domain"], r["split"])] = r["loss"]
+        else:
+            trained[r["step"]] = r
+    records = []
+    for step in tspec.save_at:
+        losses = evals_at[step]
+        by_dom = {d: losses[(d, "validation")] for d in DOMAINS}
+        records.append({"step": step, "train_loss": float(np.mean([losses[(d, "train")] for d in DOMAINS])),
+                        "val_loss": float(np.mean(list(by_dom.values()))), "val_loss_by_domain": by_dom,
+                        "tokens_seen": step * tspec.batch_size * tspec.seq_len,
+                        "seconds": trained[step]["seconds"] if step in trained else 0.0,
+                        "lr": trained[step]["lr"] if step in trained else 0.0})
     return {"name": name, "recipe": asdict(recipe), "spec": spec.model_dump(mode="json"),
-            "train_hparams": TRAIN_HPARAMS, "architecture": type(model).__name__,
+            "train": tspec.model_dump(mode="json"), "architecture": type(model).__name__,
             "n_params": sum(p.numel() for p in model.parameters()), "vocab_size": config.vocab_size,
-            "train_tokens": int(train.size), "seconds": round(time.perf_counter() - t0, 3),
-            "checkpoints": records}
+            "train_tokens": int(tokens["train"].ids.size), "seconds": round(result.seconds, 3),
+            "resumed_from": result.resumed_from, "checkpoints": records}
+
+
+def _export_checkpoints(folder: Path) -> None:
+    """Drop the trainer's resume state from a finished build: the zoo publishes models only."""
+    from dispersion.checkpoints import OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE
+
+    for step_dir in folder.glob("step*"):
+        for name in (OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE):
+            (step_dir / name).unlink(missing_ok=True)
+
+
+def _build_dir(cache: Path, name: str, key: str) -> Path:
+    """``{cache}/.build-{name}-{key}``: where a model trains until it is installed. It outlives
+    a crash so the next build resumes from its newest checkpoint; builds of an older key are
+    removed."""
+    for old in cache.glob(f".build-{name}-*"):
+        if old.name != f".build-{name}-{key}":
+            shutil.rmtree(old, ignore_errors=True)
+    return cache / f".build-{name}-{key}"
 
 
 def build_zoo(spec: ZooSpec, names: list[str] | None = None, progress: bool = True) -> dict[str, Path]:
@@ -574,17 +521,13 @@ def build_zoo(spec: ZooSpec, names: list[str] | None = None, progress: bool = Tr
     with _torch_threads(), _quiet_transformers():
         for n in todo:
             key = model_key(spec, n)
-            tmp = _tmp_sibling(out[n])
-            tmp.mkdir()
-            try:
-                train_log = _train_model(n, spec, tokens, tok_dir, tmp, progress)
-                train_log["key"] = key
-                (tmp / "train_log.json").write_text(json.dumps(train_log, indent=1))
-                (tmp / SUCCESS).write_text(key + "\n")
-                _install(tmp, out[n], key)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            build = _build_dir(cache, n, key)
+            train_log = _train_model(n, spec, tokens, tok_dir, build, progress)
+            train_log["key"] = key
+            _export_checkpoints(build)
+            (build / "train_log.json").write_text(json.dumps(train_log, indent=1))
+            (build / SUCCESS).write_text(key + "\n")
+            _install(build, out[n], key)
             c = train_log["checkpoints"]
             log.info("zoo: %s trained in %.1f s, val loss %s", n, train_log["seconds"],
                      " -> ".join(f"{r['val_loss']:.3f}" for r in c))

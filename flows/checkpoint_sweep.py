@@ -19,9 +19,12 @@ from tasks.steps import load_config_task
 def trajectory_task(cfg: RunConfig, units: list[WorkUnit], root: str) -> str:
     store = Store(root)
     a = cfg.analysis
-    table = trajectory(store, units, layer=str(a.layer), site=a.site, pool=a.pool)
     rel = f"results/trajectory/{cfg.name}.parquet"
-    store.write_table(rel, table)
+    if a.enabled("trajectory") and store.exists(rel):  # the analysis step has just written it
+        table = store.read_table(rel)
+    else:
+        table = trajectory(store, units, layer=str(a.layer), site=a.site, pool=a.pool)
+        store.write_table(rel, table)
     key = f"trajectory-{cfg.name}".lower().replace("_", "-").replace(".", "-")
     create_table_artifact(key=key, table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                           for r in table.to_pylist()],

@@ -73,3 +73,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def s3():
+    """moto's S3 server on loopback behind a TCP proxy (``proxy.outage(s)`` drops it for a
+    while); bucket ``dispersion-test``; the AWS environment points at it during the test."""
+    import fsspec
+
+    from servers import MotoServer, TcpProxy, restore_env, s3_env, set_env
+
+    server = MotoServer()
+    proxy = TcpProxy(server.port)
+    old = set_env(s3_env(proxy.port))
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("dispersion-test")
+    try:
+        yield proxy
+    finally:
+        restore_env(old)
+        proxy.stop()
+        server.stop()

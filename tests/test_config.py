@@ -107,3 +107,20 @@ def test_train_sweep_config_has_the_issue_arms():
 def test_unknown_analysis_step_names_the_field():
     with pytest.raises(ConfigError, match=r"analysis.steps"):
         parse_config({**MINIMAL, "analysis": {"steps": ["nope"]}})
+
+
+def test_every_module_imports_first_in_a_fresh_process():
+    """No import-order cycle: each library module can be the first one a program imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = sorted(p.stem for p in (root / "dispersion").glob("*.py") if p.stem != "__init__")
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module('dispersion.' + n)"
+    failed = []
+    for n in names:  # one process per module: the module must import with nothing loaded before it
+        r = subprocess.run([sys.executable, "-c", code, n], cwd=root, capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            failed.append(f"{n}: {r.stderr.strip().splitlines()[-1]}")
+    assert not failed, failed

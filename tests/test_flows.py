@@ -12,11 +12,10 @@ import pytest
 
 from conftest import scan_config_dict
 from dispersion.catalog import query
-from dispersion.config import parse_config
 from dispersion.errors import DataError
 from dispersion.pipeline import run_scan
 from dispersion.storage import Store
-from servers import MotoServer, TcpProxy, restore_env, s3_env, set_env
+from servers import restore_env, set_env
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
@@ -87,22 +86,6 @@ def test_checkpoint_sweep_adds_only_new_checkpoints(micro_zoo, tmp_path):
     traj = pq.read_table(second["trajectory"]).to_pylist()
     assert [r["revision"] for r in traj] == ["step0", "step20"]
     assert traj[1]["corpus_ppl"] < traj[0]["corpus_ppl"]
-
-
-@pytest.fixture()
-def s3(monkeypatch):
-    server = MotoServer()
-    proxy = TcpProxy(server.port)
-    old = set_env(s3_env(proxy.port))
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("dispersion-test")
-    try:
-        yield proxy
-    finally:
-        restore_env(old)
-        proxy.stop()
-        server.stop()
 
 
 def test_scan_to_s3_query_with_duckdb_and_resume(micro_zoo, reference, tmp_path, s3):

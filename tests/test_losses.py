@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from dispersion import losses as L
+from dispersion import checkpoints as C
 from dispersion import train as T
 from dispersion.errors import ConfigError
 from dispersion.metrics import mean_cosine_distance_between
@@ -261,6 +262,29 @@ def test_angular_losses_finite_at_cos_plus_minus_one(dtype):
         assert torch.isfinite(loss) and torch.isfinite(H.grad).all()
 
 
+def test_losses_under_bf16_autocast_run_in_fp32():
+    """Under bf16 autocast (the trainer's mode on a GPU) every loss computes in fp32: the same
+    value and gradient as outside autocast on the same bf16 states, and no NaN where bf16 would
+    round the arccos clamp 1 - eps to 1 (repeated states, cos = 1)."""
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(2, 12, 16, generator=g)
+    H[:, 1] = H[:, 0]  # cos = 1 pairs
+    Hb = H.to(torch.bfloat16)
+    fns = {"push_away": L.push_away, "squeeze": L.squeeze, "dispersion": L.dispersion_loss,
+           "orthogonal": L.orthogonalization, "l2_repel": L.l2_repel, "decorrelation": L.decorrelation,
+           "cross_domain": lambda x: L.cross_domain_push_away(x, None, torch.tensor([0, 1]))}
+    for name, fn in fns.items():
+        grads = []
+        for autocast in (False, True):
+            x = Hb.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fn(x)
+            loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(x.grad).all(), name
+            grads.append((loss.detach(), x.grad.float()))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1]), name
+
+
 # ----------------------------------------------------------------------------- subsampling
 
 
@@ -396,7 +420,7 @@ def test_train_gradient_is_ce_plus_lambda_aux(tmp_path, monkeypatch, name, where
 
     monkeypatch.setattr(T, "clip_and_step", spy)
     T.train(_model(), tokens, spec, out_dir=tmp_path, aux_loss=aux)
-    rows = [r for r in T.read_metrics(tmp_path) if r["kind"] == "train"]
+    rows = [r for r in C.read_metrics(tmp_path) if r["kind"] == "train"]
     assert len(seen) == 2 and len(rows) == 2
 
     arrays = T.domain_arrays(tokens)

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from dispersion.corpus import Document, embedded_documents, split_of

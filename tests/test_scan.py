@@ -13,7 +13,6 @@ import yaml
 from conftest import scan_config_dict
 from dispersion.config import parse_config
 from dispersion.pipeline import run_scan
-from dispersion.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

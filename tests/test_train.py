@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dispersion import checkpoints as C
 from dispersion import train as T
 from dispersion.errors import ConfigError
 from dispersion.modeling import load_model, resolve_source
@@ -52,7 +53,7 @@ def _spec(**over) -> T.TrainSpec:
 def test_loss_falls_on_micro_data(tmp_path):
     train, evals = _data()
     r = T.train(_model(), train, _spec(steps=40, batch_size=8, eval_every=20), out_dir=tmp_path, eval_tokens=evals)
-    rows = T.read_metrics(tmp_path)
+    rows = C.read_metrics(tmp_path)
     first = {(x["domain"], x["split"]): x["ppl"] for x in rows if x["kind"] == "eval" and x["step"] == 0}
     assert set(first) == set(evals) and set(r.eval) == set(evals)
     assert all(r.eval[k] < 0.5 * first[k] for k in evals)  # both domains, both splits
@@ -77,7 +78,7 @@ def test_schedule_against_naive_formula(tmp_path):
     # the logged lr of update s is lr_at(s - 1)
     train, _ = _data()
     T.train(_model(), train, _spec(steps=6, warmup_steps=3), out_dir=tmp_path)
-    logged = [x["lr"] for x in T.read_metrics(tmp_path) if x["kind"] == "train"]
+    logged = [x["lr"] for x in C.read_metrics(tmp_path) if x["kind"] == "train"]
     assert logged == [T.lr_at(s, _spec(steps=6, warmup_steps=3)) for s in range(6)]
 
 
@@ -174,7 +175,7 @@ def test_checkpoints_reload_with_identical_logits(tmp_path):
         assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
         step0 = load_model(resolve_source(str(tmp_path), "step0"))
         assert torch.equal(step0(input_ids=x).logits, _model()(input_ids=x).logits)
-    state = json.loads((tmp_path / "step6" / T.STATE_FILE).read_text())
+    state = json.loads((tmp_path / "step6" / C.STATE_FILE).read_text())
     assert state["step"] == 6 and state["trainable"] is None
     assert (tmp_path / "step6" / "model.safetensors").exists()
 
@@ -194,19 +195,19 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Crash):
         T.train(_model(), train, spec, out_dir=tmp_path / "cut", eval_tokens=evals, on_eval=crash_at_5)
-    assert T.checkpoint_steps(tmp_path / "cut") == [3]
+    assert C.checkpoint_steps(tmp_path / "cut") == [3]
     resumed = _model(seed=1)  # whatever the start: the checkpoint's weights are loaded
     r = T.train(resumed, train, spec, out_dir=tmp_path / "cut", eval_tokens=evals)
     assert r.resumed_from == 3
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
-    rows = T.read_metrics(tmp_path / "cut")
+    rows = C.read_metrics(tmp_path / "cut")
     assert [x["step"] for x in rows if x["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
-    clean = T.read_metrics(tmp_path / "full")
+    clean = C.read_metrics(tmp_path / "full")
     assert [x["loss"] for x in rows if x["kind"] == "train"] == [x["loss"] for x in clean if x["kind"] == "train"]
     # a finished run returns at once; another spec on the same folder is refused in one line
     again = T.train(_model(seed=2), train, spec, out_dir=tmp_path / "cut", eval_tokens=evals)
-    assert again.resumed_from == 6 and len(T.read_metrics(tmp_path / "cut")) == len(rows)
+    assert again.resumed_from == 6 and len(C.read_metrics(tmp_path / "cut")) == len(rows)
     with pytest.raises(ConfigError, match="different run") as err:
         T.train(_model(), train, _spec(steps=6, lr=5e-3), out_dir=tmp_path / "cut")
     assert "\n" not in str(err.value)
@@ -226,3 +227,72 @@ def test_per_domain_eval_equals_a_naive_loop(tmp_path):
             logp = torch.log_softmax(logits, -1)
             nlls += [-logp[t, w[0, t + 1]].item() for t in range(16)]
         assert r.eval[(dom, split)] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
+
+
+def _crash_at(n: int):
+    class Crash(Exception):
+        pass
+
+    def on_eval(step, ppl):
+        if step == n:
+            raise Crash
+    return Crash, on_eval
+
+
+def test_a_run_moved_to_another_machine_resumes_from_the_store(tmp_path, s3):
+    """Checkpoints and metrics are mirrored to S3 (moto on loopback) as they are written; a
+    run whose local folder is gone (another node) pulls the newest stored checkpoint and ends
+    with the weights and losses of an uninterrupted run."""
+    from dispersion.storage import Store
+
+    train, evals = _data()
+    spec = _spec(steps=6, save_at=[3], eval_every=1)
+    full = _model()
+    T.train(full, train, spec, out_dir=tmp_path / "full", eval_tokens=evals)
+
+    store = Store("s3://dispersion-test/train")
+    mirror = C.Mirror(store, "runs/a")
+    Crash, crash_at_5 = _crash_at(5)
+    with pytest.raises(Crash):
+        T.train(_model(), train, spec, out_dir=tmp_path / "node1", eval_tokens=evals, on_eval=crash_at_5,
+                mirror=mirror)
+    assert mirror.steps() == [3]
+    stored = sorted(p.rsplit("/", 1)[-1] for p in store.glob("runs/a/step3/*"))
+    assert stored == sorted(p.name for p in (tmp_path / "node1" / "step3").iterdir())
+    assert C.OPTIMIZER_FILE in stored and C.STATE_FILE in stored
+    logged = [json.loads(x) for x in store.fs.cat(store.path("runs/a/metrics.jsonl")).decode().splitlines()]
+    assert max(r["step"] for r in logged) == 5  # pushed at every evaluation, up to the crash
+
+    resumed = _model(seed=1)
+    r = T.train(resumed, train, spec, out_dir=tmp_path / "node2", eval_tokens=evals, mirror=mirror)
+    assert r.resumed_from == 3 and mirror.steps() == [3, 6]
+    assert r.urls == {3: "s3://dispersion-test/train/runs/a/step3", 6: "s3://dispersion-test/train/runs/a/step6"}
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    losses = [x["loss"] for x in C.read_metrics(tmp_path / "node2") if x["kind"] == "train"]
+    assert losses == [x["loss"] for x in C.read_metrics(tmp_path / "full") if x["kind"] == "train"]
+    # the stored final checkpoint loads like a local one
+    pulled = mirror.pull(6, tmp_path / "node3")
+    x = _batch().input_ids
+    with torch.no_grad():
+        assert torch.equal(load_model(resolve_source(str(pulled.parent), "step6"))(input_ids=x).logits,
+                           full(input_ids=x).logits)
+
+
+def test_a_local_checkpoint_ahead_of_the_store_is_kept(tmp_path):
+    """The local folder wins when it is newer (the store lags only by an upload)."""
+    from dispersion.storage import Store
+
+    train, evals = _data()
+    spec = _spec(steps=6, save_at=[2, 4], eval_every=1)
+    mirror = C.Mirror(Store(str(tmp_path / "store")), "run")
+    Crash, crash_at_5 = _crash_at(5)
+    with pytest.raises(Crash):
+        T.train(_model(), train, spec, out_dir=tmp_path / "local", eval_tokens=evals, on_eval=crash_at_5,
+                mirror=mirror)
+    import shutil
+
+    shutil.rmtree(tmp_path / "store" / "run" / "step4")  # as if the last upload never happened
+    assert mirror.steps() == [2] and mirror.sync_down(tmp_path / "local") is None
+    r = T.train(_model(), train, spec, out_dir=tmp_path / "local", eval_tokens=evals, mirror=mirror)
+    assert r.resumed_from == 4 and mirror.steps() == [2, 4, 6]

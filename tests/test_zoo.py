@@ -200,25 +200,47 @@ def test_deterministic(built, tmp_path):
 
 
 @slow
-def test_crash_leaves_nothing(built, tmp_path, monkeypatch):
-    spec, _, _ = built
+def test_a_crashed_build_resumes_and_ends_with_the_same_weights(built, tmp_path, monkeypatch):
+    """A crash while training leaves no model visible; the next build resumes from the newest
+    checkpoint of its hidden build folder and ends bit-identical to an uninterrupted build."""
+    from safetensors.numpy import load_file
+
+    from dispersion import train as T
+
+    spec, paths, _ = built
     cache = tmp_path / "crash"
     _copy_corpus_cache(Path(spec.cache), cache)
-
-    def boom(name, spec, tokens, tok_dir, out, progress):
-        (out / "step0").mkdir()
-        (out / "step0" / "config.json").write_text("{}")
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(zoo, "_train_model", boom)
     spec2 = spec.model_copy(update={"cache": str(cache)})
+    real = T.evaluate
+    calls = []
+
+    def crash_at_step40(model, windows, batch_size, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # evaluations at step 0, 20, then 40
+            raise RuntimeError("simulated crash")
+        return real(model, windows, batch_size, **kw)
+
+    monkeypatch.setattr(T, "evaluate", crash_at_step40)
     with pytest.raises(RuntimeError, match="simulated crash"):
         zoo.build_zoo(spec2, ["gpt2-tiny"], progress=False)
-    assert not (cache / "gpt2-tiny").exists()
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
-    assert not zoo.zoo_is_built(spec2, "gpt2-tiny")
+    assert not (cache / "gpt2-tiny").exists() and not zoo.zoo_is_built(spec2, "gpt2-tiny")
     with pytest.raises(ModelError, match="not built"):
         zoo.zoo_revisions(cache, "gpt2-tiny")
+    [build] = [p for p in cache.iterdir() if p.name.startswith(".build-gpt2-tiny-")]
+    assert sorted(p.name for p in build.glob("step*")) == ["step0", "step20"]
+
+    calls.clear()
+    monkeypatch.setattr(T, "evaluate", real)
+    zoo.build_zoo(spec2, ["gpt2-tiny"], progress=False)
+    assert zoo.zoo_train_log(cache, "gpt2-tiny")["resumed_from"] == 20
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    for step in STEPS:
+        a = load_file(paths["gpt2-tiny"] / step / "model.safetensors")
+        b = load_file(cache / "gpt2-tiny" / step / "model.safetensors")
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{step} {k}")
+    la, lb = (zoo.zoo_train_log(c, "gpt2-tiny")["checkpoints"] for c in (Path(spec.cache), cache))
+    assert [r["val_loss"] for r in la] == [r["val_loss"] for r in lb]
 
 
 def test_revisions_sort_numerically(tmp_path):
