@@ -251,11 +251,14 @@ def step_clusters(ctx: StepContext) -> Section:
 
 def step_finetune(ctx: StepContext) -> Section:
     """Each ``analysis.finetune`` entry (default: LoRA and full fine-tuning of the first zoo
-    model on prose) is trained into ``{zoo.cache}/finetuned/{run}/{model}-{method}`` (local;
-    resumable, skipped when done) and measured before and after on its domain and the control."""
+    model on prose) is trained into ``{zoo.cache}/finetuned/{run}/{i}-{model}-{base key}/{method}``
+    (local; resumable, skipped when done) and measured before and after on its domain and the control."""
+    import shutil
     from pathlib import Path
 
-    from dispersion.finetune import dispersion_before_after, finetune, parse_finetune_spec, plot_finetune
+    from dispersion.finetune import (base_source, dispersion_before_after, finetune, parse_finetune_spec,
+                                     plot_finetune)
+    from dispersion.modeling import source_fingerprint
 
     cfg = ctx.config
     specs = list(cfg.analysis.finetune)
@@ -268,7 +271,12 @@ def step_finetune(ctx: StepContext) -> Section:
     L = min(cfg.sampling.segment_length, 128)
     for i, spec in enumerate(specs):
         name = spec.zoo or Path(spec.id).name
-        out = Path(cfg.zoo.cache) / "finetuned" / cfg.name / f"{i}-{name}"
+        # keyed by the base weights: a rebuilt zoo fine-tunes afresh (older folders are removed)
+        base_key = source_fingerprint(base_source(spec, cfg.zoo))[:12]
+        out = Path(cfg.zoo.cache) / "finetuned" / cfg.name / f"{i}-{name}-{base_key}"
+        for old in [out.parent / f"{i}-{name}", *out.parent.glob(f"{i}-{name}-*")]:
+            if old != out and old.is_dir() and len(old.name) - len(f"{i}-{name}") in (0, 13):
+                shutil.rmtree(old, ignore_errors=True)
         final = finetune(spec, out, zoo=cfg.zoo)
         ctx.log(f"finetune: {name} {spec.method} on {spec.domain} -> {final}")
         tables.append(dispersion_before_after(spec, final, zoo=cfg.zoo, num_segments=min(cfg.sampling.num_segments, 256),
@@ -289,30 +297,52 @@ def step_condensation(ctx: StepContext) -> Section:
 
     from dispersion.condensation import condensation_histograms, depth_table, plot_condensation
     from dispersion.layerwise import compared_revisions
-    from dispersion.modeling import load_model, resolve_device, resolve_dtype
+    from dispersion.modeling import load_model, resolve_device, resolve_dtype, resolve_source
 
     cfg = ctx.config
     spec = cfg.analysis.condensation
+    if "prepend_bos" not in spec.model_fields_set:  # as the scan's segments were sized for
+        spec = spec.model_copy(update={"prepend_bos": cfg.extraction.prepend_bos})
     ds = cfg.datasets[0].name
     device = resolve_device(cfg.extraction.device)
     revs: dict[str, list[str]] = {}
     for u in ctx.units:
         revs.setdefault(u.mr.model, []).append(u.mr.revision)
+
+    def sequences(unit) -> list:
+        seqs: list = []
+        for k in range(len(unit.segments.shard_rows)):
+            seqs += [np.asarray(t, np.int64) for t in
+                     ctx.store.read_table(unit.segments.shard_rel(k)).column("token_ids").to_pylist()]
+            if len(seqs) >= spec.num_sequences:
+                break
+        return seqs
+
     maps = []
     for model, rs in revs.items():
         for rev in compared_revisions(rs, cfg.analysis.compare_revisions):
             unit = next(u for u in ctx.units if u.mr.model == model and u.mr.revision == rev
                         and u.segments.dataset == ds)
-            seqs: list = []
-            for k in range(len(unit.segments.shard_rows)):
-                seqs += [np.asarray(t, np.int64) for t in
-                         ctx.store.read_table(unit.segments.shard_rel(k)).column("token_ids").to_pylist()]
-                if len(seqs) >= spec.num_sequences:
-                    break
             m = load_model(unit.mr.source, dtype=resolve_dtype(unit.mr.dtype, device), device=device,
                            field=unit.mr.field)
-            maps.append(condensation_histograms(m, seqs, spec, name=model, revision=rev, label=ds))
+            maps.append(condensation_histograms(m, sequences(unit), spec, name=model, revision=rev, label=ds))
             del m
+    if spec.zoo_models:  # more zoo sizes, on the segments of a scanned zoo model (same tokenizer)
+        from dispersion.zoo import build_zoo, zoo_model_dir, zoo_revisions
+
+        zoo_names = {m.name for m in cfg.models if m.zoo}
+        unit = next((u for u in ctx.units if u.mr.model in zoo_names and u.segments.dataset == ds), None)
+        if unit is None:
+            raise ConfigError("analysis.condensation.zoo_models: needs a zoo model among the scanned models "
+                              "(its segments are in the zoo tokenizer)")
+        seqs = sequences(unit)
+        build_zoo(cfg.zoo, list(spec.zoo_models), progress=False)
+        for name in spec.zoo_models:
+            for rev in compared_revisions(zoo_revisions(cfg.zoo.cache, name), cfg.analysis.compare_revisions):
+                src = resolve_source(str(zoo_model_dir(cfg.zoo.cache, name)), rev)
+                m = load_model(src, dtype=resolve_dtype(unit.mr.dtype, device), device=device)
+                maps.append(condensation_histograms(m, seqs, spec, name=name, revision=rev, label=ds))
+                del m
     table = pa.concat_tables([m.to_table() for m in maps])
     depth = depth_table(maps)
     return Section("condensation", "Embedding condensation maps", "002/003 (condensation), issue 5",

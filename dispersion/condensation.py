@@ -49,7 +49,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from dispersion.config import LayerRef, _Strict
 from dispersion.errors import ConfigError, DataError, ModelError, NonFiniteError
@@ -71,6 +71,9 @@ class CondensationSpec(_Strict):
         max_tokens: at most this many kept tokens per sequence (a seeded subset); None = all.
         seed: seeds the choice of sequences and of token subsets.
         batch_size: sequences per forward pass.
+        zoo_models: in the ``condensation`` analysis step, embedded zoo models mapped beside the
+            scanned ones (their first and last checkpoint, on the same segments, without a
+            scan): e.g. ``[gpt2-small]`` puts two GPT-2 sizes side by side.
     """
 
     num_sequences: Annotated[int, Field(gt=0)] = 100
@@ -81,6 +84,17 @@ class CondensationSpec(_Strict):
     max_tokens: Annotated[int, Field(ge=2)] | None = None
     seed: int = 0
     batch_size: Annotated[int, Field(gt=0)] = 16
+    zoo_models: list[str] = []
+
+    @field_validator("zoo_models")
+    @classmethod
+    def _known_zoo_models(cls, names: list[str]) -> list[str]:
+        from dispersion.zoo import ZOO_MODELS
+
+        unknown = [n for n in names if n not in ZOO_MODELS]
+        if unknown:
+            raise ValueError(f"unknown zoo model {unknown[0]!r} (known: {', '.join(ZOO_MODELS)})")
+        return names
 
 
 def parse_condensation_spec(data: object, source: str = FIELD) -> CondensationSpec:

@@ -181,3 +181,24 @@ def test_condensation_step_maps_first_and_last_checkpoints(analysed):
     for r in rows:
         assert r["n_sequences"] == 20 and abs(sum(r["hist"]) * 2 / len(r["hist"]) - 1) < 1e-4
     assert {r["model"] for r in _read(store, "condensation_depth")} == {"gpt2-tiny", "llama-small"}
+
+
+def test_condensation_maps_more_zoo_sizes_without_a_scan(analysed):
+    """``condensation.zoo_models`` maps zoo models that were not scanned, on the segments of a
+    scanned zoo model: the same map as when the model is scanned."""
+    from dispersion.pipeline import aggregate
+    from dispersion.scan import plan
+
+    cfg, store, _ = analysed
+    analysis = {**cfg.analysis.model_dump(), "condensation": {"num_sequences": 20, "zoo_models": ["llama-small"]}}
+    cfg2 = parse_config({**cfg.model_dump(), "name": "t2", "analysis": analysis})
+    units = [u for u in plan(cfg2, store, log=lambda m: None) if u.mr.model == "gpt2-tiny"]
+    aggregate(cfg2, store, units, log=lambda m: None, only=["condensation"])
+    rows = pq.read_table(store.path("results/condensation/t2.parquet")).to_pylist()
+    assert {(r["model"], r["revision"]) for r in rows} == {("gpt2-tiny", "step0"), ("gpt2-tiny", "step20"),
+                                                           ("llama-small", "step0"), ("llama-small", "step20")}
+    scanned = {(r["model"], r["revision"], r["layer"]): r["hist"] for r in _read(store, "condensation")}
+    extra = [r for r in rows if (r["model"], r["revision"]) == ("llama-small", "step20")]
+    assert extra and all(r["hist"] == scanned[("llama-small", "step20", r["layer"])] for r in extra)
+    with pytest.raises(ConfigError, match="unknown zoo model 'nope'"):
+        parse_config({**cfg.model_dump(), "analysis": {**analysis, "condensation": {"zoo_models": ["nope"]}}})
