@@ -253,6 +253,7 @@ def step_finetune(ctx: StepContext) -> Section:
     """Each ``analysis.finetune`` entry (default: LoRA and full fine-tuning of the first zoo
     model on prose) is trained into ``{zoo.cache}/finetuned/{run}/{i}-{model}-{base key}/{method}``
     (local; resumable, skipped when done) and measured before and after on its domain and the control."""
+    import hashlib
     import shutil
     from pathlib import Path
 
@@ -272,7 +273,7 @@ def step_finetune(ctx: StepContext) -> Section:
     for i, spec in enumerate(specs):
         name = spec.zoo or Path(spec.id).name
         # keyed by the base weights: a rebuilt zoo fine-tunes afresh (older folders are removed)
-        base_key = source_fingerprint(base_source(spec, cfg.zoo))[:12]
+        base_key = hashlib.blake2b(source_fingerprint(base_source(spec, cfg.zoo)).encode(), digest_size=6).hexdigest()
         out = Path(cfg.zoo.cache) / "finetuned" / cfg.name / f"{i}-{name}-{base_key}"
         for old in [out.parent / f"{i}-{name}", *out.parent.glob(f"{i}-{name}-*")]:
             if old != out and old.is_dir() and len(old.name) - len(f"{i}-{name}") in (0, 13):

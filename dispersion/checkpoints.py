@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispersion.errors import ModelError
+from dispersion.errors import ConfigError, ModelError
 from dispersion.storage import Store
 
 STATE_FILE = "trainer_state.json"
@@ -189,34 +189,56 @@ class Mirror:
         if path.is_file():
             self.store.upload(str(path), self.rel(METRICS_FILE))
 
+    def stored_key(self, step: int) -> str | None:
+        """The run key in a stored checkpoint's trainer state."""
+        state = self.store.read_json(self.rel(f"step{step}/{STATE_FILE}"))
+        return None if state is None else state.get("key")
+
     def pull(self, step: int, out_dir: Path) -> Path:
-        """Download stored checkpoint ``step`` (and the metrics log) into ``out_dir``; atomic."""
+        """Download stored checkpoint ``step`` into ``out_dir/step{N}`` and the metrics log beside
+        it; both land together (renamed into place only once every file is here)."""
         final = out_dir / f"step{step}"
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
+        metrics_tmp = tmp / f".{METRICS_FILE}"
         try:
             for rel in self.store.glob(self.rel(f"step{step}/*")):
-                self.store.download(rel, str(tmp / rel.rsplit("/", 1)[-1]))
+                name = rel.rsplit("/", 1)[-1]
+                if name.startswith("."):
+                    continue  # another writer's upload in progress
+                self.store.download(rel, str(tmp / name))
             if not (tmp / STATE_FILE).is_file():
                 raise ModelError(f"checkpoint: {self.url(step)} has no {STATE_FILE}")
+            has_metrics = self.store.exists(self.rel(METRICS_FILE))
+            if has_metrics:
+                self.store.download(self.rel(METRICS_FILE), str(metrics_tmp))
+                os.replace(metrics_tmp, out_dir / METRICS_FILE)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if self.store.exists(self.rel(METRICS_FILE)):
-            self.store.download(self.rel(METRICS_FILE), str(out_dir / METRICS_FILE))
         return final
 
-    def sync_down(self, out_dir: Path, *, on_pull: Callable[[int], None] | None = None) -> int | None:
-        """Pull the newest stored checkpoint when it is newer than every local one; its step or ``None``."""
+    def sync_down(self, out_dir: Path, key: str | None = None) -> int | None:
+        """Pull the newest stored checkpoint when it is newer than every local one; its step or
+        ``None``. With ``key``, a stored checkpoint of another run is refused before any download."""
         stored = self.steps()
         local = checkpoint_steps(out_dir)
         if stored and (not local or stored[-1] > local[-1]):
+            if key is not None and self.stored_key(stored[-1]) != key:
+                raise ConfigError(f"train: {self.url(stored[-1])} holds a checkpoint of a different run "
+                                  f"(spec, model or precision changed); use another prefix or remove it")
             self.pull(stored[-1], out_dir)
-            if on_pull is not None:
-                on_pull(stored[-1])
             return stored[-1]
         return None
+
+    def push_missing(self, out_dir: Path) -> None:
+        """Upload every local checkpoint the store lacks (oldest first), then the metrics log."""
+        have = set(self.steps())
+        for step in checkpoint_steps(out_dir):
+            if step not in have:
+                self.push_checkpoint(out_dir / f"step{step}")
+        self.push_metrics(out_dir / METRICS_FILE)

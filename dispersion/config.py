@@ -137,8 +137,8 @@ class AnalysisSpec(_Strict):
 
     ``compare_revisions``: the untrained and trained checkpoints of the ``layers`` step
     (default: each model's first and last by step). ``scores``: a CSV/Parquet table (model,
-    revision, task, score) for the ``gap`` and ``trajectory`` steps; zoo models also bring
-    their validation loss.
+    revision, task, score; a local path or any fsspec URL) for the ``gap`` and ``trajectory``
+    steps; zoo models also bring their validation loss.
     """
 
     bin_size: Annotated[int, Field(ge=2)] = 100

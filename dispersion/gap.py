@@ -518,7 +518,8 @@ _SCORE_COLUMNS = ("model", "revision", "task", "score")
 
 
 def read_scores(scores: str | os.PathLike | pa.Table) -> pa.Table:
-    """A scores table (columns model, revision, task, score) from CSV, Parquet or a table.
+    """A scores table (columns model, revision, task, score) from a CSV or Parquet file (a local
+    path or any fsspec URL, e.g. ``s3://bucket/scores.parquet``) or a table.
 
     Raises:
         DataError: one line naming the file and the column (missing file, unreadable or
@@ -527,23 +528,33 @@ def read_scores(scores: str | os.PathLike | pa.Table) -> pa.Table:
     if isinstance(scores, pa.Table):
         name, table = "<table>", scores
     else:
-        path = Path(scores)
-        name = str(path)
-        suffix = path.suffix.lower()
-        if not path.is_file():
+        import fsspec
+
+        name = str(scores)
+        suffix = Path(name.split("?", 1)[0]).suffix.lower()
+        try:
+            fs, path = fsspec.core.url_to_fs(name)
+            found = fs.isfile(path)
+        except Exception as err:  # noqa: BLE001 - unknown protocol, no credentials, unreachable endpoint
+            text = str(err).strip()
+            raise DataError(f"scores: cannot open {name!r}: {text.splitlines()[0] if text else type(err).__name__}") \
+                from None
+        if not found:
             raise DataError(f"scores: no such file {name!r}")
         try:
+            if suffix not in (".csv", ".parquet", ".pq"):
+                raise DataError(f"scores: {name!r}: unsupported format {suffix or '(none)'!r} (csv or parquet)")
+            with fs.open(path, "rb") as fh:
+                data = pa.py_buffer(fh.read())
             if suffix == ".csv":
                 import pyarrow.csv as pacsv
 
-                table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                table = pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(
                     column_types={c: pa.string() for c in ("model", "revision", "task")}))
-            elif suffix in (".parquet", ".pq"):
+            else:
                 import pyarrow.parquet as pq
 
-                table = pq.read_table(path)
-            else:
-                raise DataError(f"scores: {name!r}: unsupported format {suffix or '(none)'!r} (csv or parquet)")
+                table = pq.read_table(pa.BufferReader(data))
         except DataError:
             raise
         except Exception as err:

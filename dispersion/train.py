@@ -92,8 +92,8 @@ class TrainSpec(_Strict):
     and then follows a cosine to ``min_lr_ratio * lr`` at ``steps`` (:func:`lr_at`).
     ``batch_size`` rows of ``seq_len`` tokens per micro-batch, ``grad_accum`` micro-batches per
     optimizer step. ``grad_clip`` (``None`` = off) bounds the global gradient norm.
-    ``eval_every`` (``None`` = only at step 0 and the last step), ``eval_batches`` batches of
-    fixed windows per (domain, split). ``device`` ``auto`` = CUDA when available; ``dtype``
+    ``eval_every`` (``None`` = only at step 0, the ``save_at`` steps and the last step),
+    ``eval_batches`` batches of fixed windows per (domain, split). ``device`` ``auto`` = CUDA when available; ``dtype``
     ``auto`` = bf16 autocast on CUDA, fp32 on CPU (weights and optimizer stay fp32).
     ``domain_weights``: share of the rows of each domain (equal when ``None``).
     """
@@ -399,7 +399,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     start, resumed = 0, None
 
     if mirror is not None:
-        mirror.sync_down(out)
+        mirror.sync_down(out, key)
     done = checkpoint_steps(out)
     if done:
         last = out / f"step{done[-1]}"
@@ -411,9 +411,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
         start = resumed = done[-1]
         checkpoints = {s: out / f"step{s}" for s in done}
         history = truncate_metrics(metrics_path, start)
-        if mirror is not None and start not in mirror.steps():  # the store missed the last upload
-            mirror.push_checkpoint(last)
-            mirror.push_metrics(metrics_path)
+        if mirror is not None:  # the store may have missed the last uploads
+            mirror.push_missing(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
@@ -451,9 +450,9 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     def save(step: int) -> None:
         checkpoints[step] = save_checkpoint(model, optimizer, out / f"step{step}", step=step, key=key,
                                             tokenizer=tokenizer, export=export)
-        if mirror is not None:
-            urls[step] = mirror.push_checkpoint(checkpoints[step])
+        if mirror is not None:  # metrics first: a log ahead of a checkpoint is cut back on resume
             mirror.push_metrics(metrics_path)
+            urls[step] = mirror.push_checkpoint(checkpoints[step])
 
     def loop() -> float | None:
         loss_out = final_loss
@@ -496,6 +495,6 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
         final_loss = loop()
     model.eval()
     if mirror is not None:
-        urls = {s: mirror.url(s) for s in mirror.steps()}
+        urls = {s: mirror.url(s) for s in sorted(set(mirror.steps()) & set(checkpoints))}
     return TrainResult(out, spec.steps, resumed, dict(sorted(checkpoints.items())), final_loss, last_eval,
                        metrics_path, time.perf_counter() - t0, history, urls)

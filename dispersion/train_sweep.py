@@ -272,11 +272,13 @@ def plot_sweep(runs: pa.Table) -> bytes:
 def _local_checkpoint(cfg: SweepConfig, store: Store, row: dict) -> str:
     """The arm's final checkpoint on this machine: its work folder, else pulled from the store
     (the arm may have trained on another node)."""
-    local = Path(row["checkpoint"])
-    if (local / "config.json").is_file():
-        return str(local)
+    trained = Path(row["checkpoint"])
+    here = Path(cfg.workdir) / cfg.name / row["arm"] / trained.name
+    for folder in (trained, here):
+        if (folder / "config.json").is_file():
+            return str(folder)
     mirror = Mirror(store, f"checkpoints/{cfg.name}/arm={row['arm']}")
-    return str(mirror.pull(int(local.name[4:]), Path(cfg.workdir) / cfg.name / row["arm"]))
+    return str(mirror.pull(int(trained.name[4:]), here.parent))
 
 
 def condensation_maps(cfg: SweepConfig, runs: pa.Table, store: Store) -> bytes | None:

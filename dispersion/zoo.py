@@ -199,6 +199,9 @@ def _check_spec(spec: ZooSpec, recipe: ZooRecipe | None = None) -> list[int]:
         raise ConfigError("zoo.checkpoints: must not be empty")
     if ckpts[-1] > spec.train_steps:
         raise ConfigError(f"zoo.checkpoints: step {ckpts[-1]} is beyond train_steps {spec.train_steps}")
+    if ckpts[-1] != spec.train_steps:
+        raise ConfigError(f"zoo.checkpoints: the last checkpoint must be train_steps ({spec.train_steps}): "
+                          f"a zoo model trains to the end of its schedule, got {ckpts[-1]}")
     if recipe is not None and spec.seq_len > recipe.context:
         raise ConfigError(f"zoo.seq_len: {spec.seq_len} exceeds the zoo context length {recipe.context}")
     return ckpts
@@ -484,6 +487,21 @@ def _export_checkpoints(folder: Path) -> None:
             (step_dir / name).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """An exclusive lock on the cache folder while anything is built in it: two processes
+    (a scan and a sweep, say) never train into the same build folder; the second waits and
+    then finds the model built."""
+    import fcntl
+
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _build_dir(cache: Path, name: str, key: str) -> Path:
     """``{cache}/.build-{name}-{key}``: where a model trains until it is installed. It outlives
     a crash so the next build resumes from its newest checkpoint; builds of an older key are
@@ -515,11 +533,13 @@ def build_zoo(spec: ZooSpec, names: list[str] | None = None, progress: bool = Tr
     if not todo:
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(cache)
-    tok_dir = build_tokenizer(cache, spec.vocab_size)
-    tokens = token_splits(cache, spec.vocab_size)
-    with _torch_threads(), _quiet_transformers():
+    with _cache_lock(cache), _torch_threads(), _quiet_transformers():
+        _clean_stale_tmp(cache)
+        tok_dir = build_tokenizer(cache, spec.vocab_size)
+        tokens = token_splits(cache, spec.vocab_size)
         for n in todo:
+            if zoo_is_built(spec, n):  # another process built it while this one waited
+                continue
             key = model_key(spec, n)
             build = _build_dir(cache, n, key)
             train_log = _train_model(n, spec, tokens, tok_dir, build, progress)

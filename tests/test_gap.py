@@ -401,3 +401,20 @@ def test_read_scores_keeps_numeric_looking_revisions_as_text(tmp_path):
     t = read_scores(path)
     assert t.schema.field("revision").type == pa.string() and t.column("revision").to_pylist() == ["1000"]
     assert t.column("model").to_pylist() == ["7"] and t.column("score").to_pylist() == [12.0]
+
+
+def test_read_scores_from_s3(tmp_path, s3):
+    """A scores table in object storage (moto's S3 server on loopback), CSV and Parquet."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe_file("dispersion-test/scores/s.csv", b"model,revision,task,score\nm,step10,arc,0.25\nm,step20,arc,0.5\n")
+    local = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"model": ["m"], "revision": ["step10"], "task": ["hs"], "score": [1]}), local)
+    fs.put_file(str(local), "dispersion-test/scores/s.parquet")
+    csv = read_scores("s3://dispersion-test/scores/s.csv")
+    assert csv.column("revision").to_pylist() == ["step10", "step20"] and csv.column("score").to_pylist() == [0.25, 0.5]
+    assert read_scores("s3://dispersion-test/scores/s.parquet").column("score").to_pylist() == [1.0]
+    with pytest.raises(DataError, match=r"^scores: no such file 's3://dispersion-test/scores/none\.csv'$"):
+        read_scores("s3://dispersion-test/scores/none.csv")

@@ -296,3 +296,16 @@ def test_a_local_checkpoint_ahead_of_the_store_is_kept(tmp_path):
     assert mirror.steps() == [2] and mirror.sync_down(tmp_path / "local") is None
     r = T.train(_model(), train, spec, out_dir=tmp_path / "local", eval_tokens=evals, mirror=mirror)
     assert r.resumed_from == 4 and mirror.steps() == [2, 4, 6]
+
+
+def test_a_stored_checkpoint_of_another_run_is_refused_before_any_download(tmp_path):
+    from dispersion.storage import Store
+
+    train, evals = _data()
+    mirror = C.Mirror(Store(str(tmp_path / "store")), "run")
+    T.train(_model(), train, _spec(steps=4, save_at=[2]), out_dir=tmp_path / "a", eval_tokens=evals, mirror=mirror)
+    assert mirror.steps() == [2, 4]
+    with pytest.raises(ConfigError, match="holds a checkpoint of a different run") as err:
+        T.train(_model(), train, _spec(steps=4, lr=5e-3), out_dir=tmp_path / "b", eval_tokens=evals, mirror=mirror)
+    assert str(tmp_path / "store" / "run" / "step4") in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())

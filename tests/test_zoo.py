@@ -270,6 +270,8 @@ def test_unknown_model_name(tmp_path):
 def test_bad_spec(tmp_path):
     with pytest.raises(ConfigError, match="checkpoints"):
         zoo.build_zoo(ZooSpec(cache=str(tmp_path), train_steps=10, checkpoints=[0, 20]), progress=False)
+    with pytest.raises(ConfigError, match=r"zoo.checkpoints: the last checkpoint must be train_steps \(10\)"):
+        zoo.build_zoo(ZooSpec(cache=str(tmp_path), train_steps=10, checkpoints=[0, 5]), progress=False)
     with pytest.raises(ConfigError, match="seq_len"):
         zoo.build_zoo(ZooSpec(cache=str(tmp_path), seq_len=512), ["gpt2-tiny"], progress=False)
     assert not any(tmp_path.iterdir())
