@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dispersion.extract import Extractor  # noqa: E402
+from rss import peak_rss_kb, reset_peak_rss  # noqa: E402  (bench/rss.py)
 
 
 def make_model(vocab: int, d: int, layers: int, ctx: int, device: str, dtype: str):
@@ -108,25 +109,6 @@ def ours(model, segs, batch: int, layers=("final",)) -> dict:
                    nll_chunk_tokens=1024)
     out = ex.extract(segs)
     return {"ppl": out.features["ppl"], "vec": out.vectors[("final", "block", "last")].astype(np.float32)}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux clear_refs 5); returns the current RSS in kB."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return _status_kb("VmRSS")
-
-
-def peak_rss_kb() -> int:
-    return _status_kb("VmHWM")
 
 
 def child(args) -> None:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dispersion import losses as L  # noqa: E402
 from dispersion import train as T  # noqa: E402
+from rss import peak_rss_kb, reset_peak_rss  # noqa: E402  (bench/rss.py)
 
 CONFIGS = [  # (label, LossSpec kwargs or None for CE alone); {L} = --layers, {N} = B * T
     ("CE only", None),
@@ -148,14 +149,6 @@ def loss_only(args) -> dict:
 # ----------------------------------------------------------------------------- (b) push-away
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def naive_push_away(H: torch.Tensor) -> torch.Tensor:
     """-(mean over i != j of 1 - cos) through the full N x N cosine matrix."""
     U = torch.nn.functional.normalize(H, dim=-1)
@@ -178,9 +171,7 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_kb("VmRSS")
+        base = reset_peak_rss()
     for _ in range(args.repeats):
         H.grad = None
         sync(device)
@@ -190,7 +181,7 @@ def child(args) -> None:
         sync(device)
         times.append(time.perf_counter() - t)
         val = float(loss.detach())
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (_status_kb("VmHWM") - base) / 1024
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (peak_rss_kb() - base) / 1024
     print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak, "value": val}))
 
 

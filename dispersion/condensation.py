@@ -49,7 +49,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from dispersion.config import LayerRef, _Strict
 from dispersion.errors import ConfigError, DataError, ModelError, NonFiniteError
@@ -99,7 +99,7 @@ class CondensationSpec(_Strict):
 
 def parse_condensation_spec(data: object, source: str = FIELD) -> CondensationSpec:
     """A CondensationSpec from a mapping (or a spec); errors are one line naming the field."""
-    from dispersion.config import _format_error
+    from dispersion.config import validate
 
     if isinstance(data, CondensationSpec):
         return data
@@ -107,10 +107,7 @@ def parse_condensation_spec(data: object, source: str = FIELD) -> CondensationSp
         return CondensationSpec()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping, got {type(data).__name__}")
-    try:
-        return CondensationSpec.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+    return validate(CondensationSpec, data, source)
 
 
 # --------------------------------------------------------------------------- #

@@ -59,9 +59,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from dispersion.config import HFDatasetSource, ZooSpec, _format_error, _Strict
+from dispersion.config import HFDatasetSource, ZooSpec, _Strict, validate
 from dispersion.errors import ConfigError, DataError, ModelError
 
 EMBEDDED_DOMAINS = ("prose", "code")
@@ -203,10 +203,7 @@ def parse_finetune_spec(data: object, source: str = "finetune") -> FinetuneSpec:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping, got {type(data).__name__}")
-    try:
-        return FinetuneSpec.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+    return validate(FinetuneSpec, data, source)
 
 
 # ----------------------------------------------------------------------------- base and data
@@ -296,14 +293,12 @@ def train_spec(spec: FinetuneSpec, n_train_tokens: int):
     steps = hp["steps"]
     if steps is None:
         steps = max(1, math.ceil(hp["epochs"] * n_train_tokens / (hp["batch_size"] * hp["grad_accum"] * hp["seq_len"])))
-    try:
-        return TrainSpec(steps=steps, batch_size=hp["batch_size"], seq_len=hp["seq_len"], grad_accum=hp["grad_accum"],
-                         lr=hp["lr"], min_lr_ratio=hp["min_lr_ratio"], warmup_steps=math.ceil(hp["warmup_ratio"] * steps),
-                         weight_decay=hp["weight_decay"], betas=hp["betas"], eps=hp["eps"], grad_clip=hp["grad_clip"],
-                         eval_every=hp["eval_every"], eval_batches=hp["eval_batches"], save_at=spec.save_at,
-                         seed=hp["seed"], device=spec.device, dtype=spec.dtype)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, "finetune")) from None
+    return validate(TrainSpec, dict(
+        steps=steps, batch_size=hp["batch_size"], seq_len=hp["seq_len"], grad_accum=hp["grad_accum"], lr=hp["lr"],
+        min_lr_ratio=hp["min_lr_ratio"], warmup_steps=math.ceil(hp["warmup_ratio"] * steps),
+        weight_decay=hp["weight_decay"], betas=hp["betas"], eps=hp["eps"], grad_clip=hp["grad_clip"],
+        eval_every=hp["eval_every"], eval_batches=hp["eval_batches"], save_at=spec.save_at, seed=hp["seed"],
+        device=spec.device, dtype=spec.dtype), "finetune")
 
 
 # ----------------------------------------------------------------------------- LoRA

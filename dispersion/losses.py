@@ -176,6 +176,18 @@ def _groups(H: torch.Tensor, m: torch.Tensor, scope: str, name: str) -> tuple[to
     return X, valid
 
 
+def _pair_groups(H: torch.Tensor, mask: torch.Tensor | None, name: str, scope: str, *, reduction: str | None = None,
+                 tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked inputs and options of a pairwise loss, as ``_groups`` (``X``, ``valid``)."""
+    H, m = _prep(H, mask, name)
+    _check_scope(scope, name)
+    if reduction is not None:
+        _check_reduction(reduction, name)
+    if tau is not None and not tau > 0:
+        raise ValueError(f"{name}: tau must be > 0, got {tau}")
+    return _groups(H, m, scope, name)
+
+
 def _pair_mask(valid: torch.Tensor) -> torch.Tensor:
     """``[G, n, n]``: both states unmasked and i != j."""
     n = valid.shape[1]
@@ -284,13 +296,7 @@ def dispersion_loss(H: torch.Tensor, mask: torch.Tensor | None = None, tau: floa
     arccos, so identical (cos = 1) or opposite (cos = -1) pairs give finite (zero) gradients.
     Per group (sequence or flattened batch), averaged over groups. O(n^2) per group.
     """
-    name = "dispersion_loss"
-    H, m = _prep(H, mask, name)
-    _check_scope(scope, name)
-    _check_reduction(reduction, name)
-    if not tau > 0:
-        raise ValueError(f"{name}: tau must be > 0, got {tau}")
-    X, valid = _groups(H, m, scope, name)
+    X, valid = _pair_groups(H, mask, "dispersion_loss", scope, reduction=reduction, tau=tau)
     D = _angles(X, valid, eps)
     return _log_pair_sum(-D / tau, _pair_mask(valid), reduction).mean()
 
@@ -302,10 +308,7 @@ def orthogonalization(H: torch.Tensor, mask: torch.Tensor | None = None, margin:
 
     Only pairs at an acute angle are pushed; per group, averaged over groups. O(n^2) per group.
     """
-    name = "orthogonalization"
-    H, m = _prep(H, mask, name)
-    _check_scope(scope, name)
-    X, valid = _groups(H, m, scope, name)
+    X, valid = _pair_groups(H, mask, "orthogonalization", scope)
     pm = _pair_mask(valid)
     D = _angles(X, valid, eps)
     hinge = torch.clamp(margin - D, min=0.0).pow(2) * pm.to(D.dtype)
@@ -322,13 +325,7 @@ def l2_repel(H: torch.Tensor, mask: torch.Tensor | None = None, tau: float = 1.0
     factor n d). Squared distances come from the Gram matrix of the centred states (distances
     are translation invariant), clamped at 0. ``reduction="mean"``: log-mean (same gradient).
     """
-    name = "l2_repel"
-    H, m = _prep(H, mask, name)
-    _check_scope(scope, name)
-    _check_reduction(reduction, name)
-    if not tau > 0:
-        raise ValueError(f"{name}: tau must be > 0, got {tau}")
-    X, valid = _groups(H, m, scope, name)
+    X, valid = _pair_groups(H, mask, "l2_repel", scope, reduction=reduction, tau=tau)
     w = valid.unsqueeze(-1).to(X.dtype)
     cnt = valid.sum(1).to(X.dtype)                                   # [G]
     Xw = X * w

@@ -173,22 +173,30 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @staticmethod
+    def _replace_local(final: str, write) -> None:
+        """``write(tmp)`` into a hidden sibling of ``final``, then rename it into place."""
+        parent, name = final.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(parent, exist_ok=True)
+        try:
+            write(tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     @_retrying
     def _publish(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         if not self.local:
             self.fs.pipe_file(final, data)
             return
-        parent, name = final.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        os.makedirs(parent, exist_ok=True)
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self._replace_local(final, write)
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -235,15 +243,7 @@ class Store:
         if not self.local:
             self.fs.put_file(local, final)  # S3: multipart, visible only once complete
             return
-        parent, name = final.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        os.makedirs(parent, exist_ok=True)
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self._replace_local(final, lambda tmp: shutil.copyfile(local, tmp))
 
     @_retrying
     def download(self, rel: str, local: str) -> None:

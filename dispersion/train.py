@@ -93,8 +93,9 @@ class TrainSpec(_Strict):
     ``batch_size`` rows of ``seq_len`` tokens per micro-batch, ``grad_accum`` micro-batches per
     optimizer step. ``grad_clip`` (``None`` = off) bounds the global gradient norm.
     ``eval_every`` (``None`` = only at step 0, the ``save_at`` steps and the last step),
-    ``eval_batches`` batches of fixed windows per (domain, split). ``device`` ``auto`` = CUDA when available; ``dtype``
-    ``auto`` = bf16 autocast on CUDA, fp32 on CPU (weights and optimizer stay fp32).
+    ``eval_batches`` batches of fixed windows per (domain, split). ``device`` ``auto`` = CUDA
+    when available; ``dtype`` ``auto`` = bf16 autocast on CUDA, fp32 on CPU (weights and
+    optimizer stay fp32).
     ``domain_weights``: share of the rows of each domain (equal when ``None``).
     """
 
@@ -430,7 +431,6 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    urls: dict[int, str] = {}
 
     def run_eval(step: int) -> None:
         if not windows:
@@ -452,7 +452,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
                                             tokenizer=tokenizer, export=export)
         if mirror is not None:  # metrics first: a log ahead of a checkpoint is cut back on resume
             mirror.push_metrics(metrics_path)
-            urls[step] = mirror.push_checkpoint(checkpoints[step])
+            mirror.push_checkpoint(checkpoints[step])
 
     def loop() -> float | None:
         loss_out = final_loss
@@ -494,7 +494,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         final_loss = loop()
     model.eval()
-    if mirror is not None:
-        urls = {s: mirror.url(s) for s in sorted(set(mirror.steps()) & set(checkpoints))}
+    stored = set(mirror.steps()) if mirror is not None else set()
+    urls = {s: mirror.url(s) for s in sorted(stored & set(checkpoints))}
     return TrainResult(out, spec.steps, resumed, dict(sorted(checkpoints.items())), final_loss, last_eval,
                        metrics_path, time.perf_counter() - t0, history, urls)

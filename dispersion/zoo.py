@@ -442,7 +442,6 @@ def _train_model(name: str, spec: ZooSpec, tokens: dict[str, TokenSplit], tok_di
     from dispersion.train import train
 
     recipe = _recipe(name)
-    _check_spec(spec, recipe)
     tok = _load_raw_tokenizer(tok_dir)
     special = tok.token_to_id(SPECIAL_TOKEN)
     config = recipe.config(tok.get_vocab_size(), special, special, special)

@@ -63,6 +63,29 @@ def scan_config_dict(zoo, root, **over):
     return cfg
 
 
+def tiny_gpt2(vocab: int, bos: int | None):
+    """A seeded 3-block GPT-2 (d 32, 64 positions), in eval mode; ``bos`` is also eos."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                     bos_token_id=bos, eos_token_id=bos)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(vocab: int, bos: int):
+    """A seeded 3-layer Llama (d 32, grouped-query attention, 64 positions), in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=bos, eos_token_id=bos, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread (and far faster than two on a busy machine);

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_gpt2, tiny_llama
 from dispersion.errors import ModelError
 from dispersion.extract import Extractor, layer_names
 
@@ -12,22 +13,11 @@ BOS = 1
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                     bos_token_id=BOS, eos_token_id=BOS)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(VOCAB, BOS)
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=BOS, eos_token_id=BOS, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, BOS)
 
 
 def _gemma2():
