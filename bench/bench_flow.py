@@ -31,8 +31,8 @@ def main() -> None:
     import yaml
 
     from dispersion.config import parse_config
-    from dispersion.pipeline import run_scan
-    from dispersion.scan import ensure_zoo
+    from dispersion.run import run_scan
+    from dispersion.run import ensure_zoo
 
     with open(args.config) as fh:
         raw = yaml.safe_load(fh)

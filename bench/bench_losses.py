@@ -1,7 +1,7 @@
-"""Cost of the dispersion losses (dispersion.losses) in training, and O(N d) push-away vs N x N.
+"""Cost of the dispersion losses (dispersion.training.losses) in training, and O(N d) push-away vs N x N.
 
 (a) One training step (forward with hidden states, CE + aux, backward, clip + AdamW step via
-    dispersion.train.compute_loss / clip_and_step), the same batch every step, for CE alone and
+    dispersion.training.train.compute_loss / clip_and_step), the same batch every step, for CE alone and
     CE + each loss, on zoo-sized random GPT-2 and Llama models (d = 128, 4 layers, T = 128,
     B = 16, vocab 4096). The configurations are interleaved round by round (one step of each per
     round, in a shuffled order) so load drift on a shared machine hits them alike; median over the
@@ -35,20 +35,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dispersion import losses as L  # noqa: E402
-from dispersion import train as T  # noqa: E402
+from dispersion.training import losses as L  # noqa: E402
+from dispersion.training import train as T  # noqa: E402
+from reference import push_away_full_matrix as naive_push_away  # noqa: E402  (tests/reference.py)
 from rss import peak_rss_kb, reset_peak_rss  # noqa: E402  (bench/rss.py)
 
 CONFIGS = [  # (label, LossSpec kwargs or None for CE alone); {L} = --layers, {N} = B * T
     ("CE only", None),
-    ("+ push_away (flatten, final)", dict(name="push_away")),
-    ("+ cross_domain (flatten, final)", dict(name="cross_domain")),
-    ("+ squeeze (flatten, final)", dict(name="squeeze")),
-    ("+ dispersion (sequence, final)", dict(name="dispersion")),
-    ("+ decorrelation (sequence, final)", dict(name="decorrelation")),
-    ("+ l2_repel (sequence, final)", dict(name="l2_repel")),
-    ("+ orthogonal (sequence, final)", dict(name="orthogonal")),
+    *[(f"+ {name} ({loss.scope}, final)", dict(name=name)) for name, loss in L.LOSSES.items()],  # every loss
     ("+ push_away (flatten, all {L} layers)", dict(name="push_away", where="all")),
     ("+ dispersion (sequence, all {L} layers)", dict(name="dispersion", where="all")),
     ("+ dispersion (flatten N={N}, final)", dict(name="dispersion", scope="flatten")),
@@ -147,14 +143,6 @@ def loss_only(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- (b) push-away
-
-
-def naive_push_away(H: torch.Tensor) -> torch.Tensor:
-    """-(mean over i != j of 1 - cos) through the full N x N cosine matrix."""
-    U = torch.nn.functional.normalize(H, dim=-1)
-    C = U @ U.T
-    n = H.shape[0]
-    return -(n * n - C.sum()) / (n * (n - 1))
 
 
 def child(args) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark dispersion.metrics against naive full-matrix / scipy references.
+"""Benchmark dispersion.measure.metrics against naive full-matrix / scipy references.
 
 Usage:
     python bench/bench_metrics.py [--sizes 2000 8000 20000] [--dim 768]
@@ -7,8 +7,8 @@ Usage:
 Data: float32 standard-normal (N, d) matrices plus one shared offset vector, fixed seed. Prints markdown
 tables (paste into bench/RESULTS.md):
 
-1. cosine_dispersion (O(N d) via the sum of unit vectors) vs the naive way:
-   float64 copy, row-normalise, full N x N similarity matrix S = U U^T, mean of
+1. cosine_dispersion (O(N d) via the sum of unit vectors) vs the naive way
+   (``dispersion`` of tests/reference.py, the tests' reference): float64 copy, row-normalise, full N x N similarity matrix S = U U^T, mean of
    the strict upper triangle of 1 - S (summed block-wise so only S itself is
    held: 20k x 20k float64 = 3.2 GB). S is formed by GEMM with a copied U^T,
    because numpy's SYRK shortcut for U @ U.T segfaults in this OpenBLAS build
@@ -35,27 +35,15 @@ import numpy as np
 from scipy.spatial.distance import pdist  # imported up front so the import is not timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dispersion.metrics import cosine_dispersion, euclidean_dispersion  # noqa: E402
-
-
-def naive_cosine_dispersion(X: np.ndarray, block: int = 2048) -> float:
-    """Full N x N cosine-similarity matrix in float64, mean of the upper triangle of 1 - S."""
-    X64 = X.astype(np.float64)
-    U = X64 / np.linalg.norm(X64, axis=1, keepdims=True)
-    # GEMM on an explicit copy of U^T: numpy would otherwise route U @ U.T to the
-    # multithreaded OpenBLAS SYRK path, which segfaults here for N >= 16k
-    # (cf. numpy/numpy#19685). GEMM does ~2x the flops of SYRK.
-    S = U @ np.ascontiguousarray(U.T)  # N x N float64
-    np.subtract(1.0, S, out=S)  # S <- 1 - S, in place
-    n = S.shape[0]
-    total = 0.0
-    for a in range(0, n, block):  # strict upper triangle, a row block at a time
-        total += float(np.triu(S[a : a + block], k=a + 1).sum())
-    return total / (n * (n - 1) / 2)
+from dispersion.measure.metrics import cosine_dispersion, euclidean_dispersion  # noqa: E402
+from reference import dispersion as naive_cosine_dispersion  # noqa: E402  (tests/reference.py)
 
 
-def naive_euclidean_dispersion(X: np.ndarray) -> float:
+def pdist_euclidean_dispersion(X: np.ndarray) -> float:
+    """scipy's pdist mean in float64: the euclidean reference here (compiled, no N x N matrix;
+    tests/reference.py's row-by-row loop computes the same number far more slowly at N = 8000)."""
     return float(pdist(X.astype(np.float64)).mean())
 
 
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         t_ours, v_ours = best_time(lambda: euclidean_dispersion(X), args.repeats)
         if n <= args.pdist_max:
             t0 = time.perf_counter()
-            v_ref = naive_euclidean_dispersion(X)
+            v_ref = pdist_euclidean_dispersion(X)
             t_ref = time.perf_counter() - t0
             print(
                 f"| {n} | {args.dim} | {t_ours:.3g} | {t_ref:.3g} | {t_ref / t_ours:.3g}x | "

@@ -26,8 +26,9 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from dispersion.config import load_config
-    from dispersion.scan import ensure_zoo, plan
-    from dispersion.storage import Store
+    from dispersion.measure.scan import plan
+    from dispersion.run import ensure_zoo
+    from dispersion.core.storage import Store
     from tasks.ray_extract import extract_on_ray
 
     base = load_config("configs/default.yaml")

@@ -70,9 +70,9 @@ import transformers, numpy, pyarrow
 print("transformers", transformers.__version__, "numpy", numpy.__version__, "pyarrow", pyarrow.__version__)
 import importlib
 missing = []
-for m in ["pydantic", "dispersion", "dispersion.extract", "dispersion.train", "dispersion.losses",
-          "dispersion.metrics", "dispersion.modeling", "dispersion.config", "dispersion.zoo",
-          "dispersion.storage", "dispersion.corpus", "dispersion.condensation"]:
+for m in ["pydantic", "dispersion", "dispersion.measure.extract", "dispersion.training.train", "dispersion.training.losses",
+          "dispersion.measure.metrics", "dispersion.measure.modeling", "dispersion.core.config", "dispersion.training.zoo",
+          "dispersion.core.storage", "dispersion.measure.corpus", "dispersion.analyses.condensation"]:
     try:
         importlib.import_module(m)
     except Exception as err:  # report every missing piece at once

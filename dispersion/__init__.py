@@ -1,11 +1,10 @@
 """dispersion: representation dispersion of language models, measured at scale.
 
-The pure library: no Prefect or Ray imports here (see ARCHITECTURE in docs/).
+The pure library (no Prefect or Ray imports): ``core`` (configs, storage, layout, catalog),
+``measure`` (corpus, sampling, models, extraction, metrics, binning, scan), ``training``
+(losses, trainer, checkpoints, zoo, fine-tuning, sweeps), ``report`` (figures, markdown),
+``analyses`` (one module per step of paper 001) and, on top, ``config``/``run``/``cli``.
+See docs/ARCHITECTURE.md.
 """
 
 __version__ = "0.1.0"
-
-# The config models are completed by option models that live beside their analyses
-# (gap, clusters, finetune, condensation, revisions), which import config's base types:
-# loading config first makes every import order work (``import dispersion.gap`` alone too).
-from dispersion import config as _config  # noqa: E402,F401

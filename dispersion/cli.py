@@ -1,4 +1,5 @@
-"""The ``dispersion`` command line: ``zoo build``, ``scan``, ``analyze``, ``query``, ``report``.
+"""The ``dispersion`` command line: ``zoo build``, ``scan``, ``analyze``, ``query``, ``report``,
+``train-sweep``, ``losses``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so
 ``--help`` and ``query`` start fast. Every :class:`DispersionError` ends the command with
@@ -13,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dispersion.errors import DispersionError
+from dispersion.core.errors import DispersionError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -39,7 +40,8 @@ def _load(config: str):
 def zoo_build(config: ConfigOpt = DEFAULT_CONFIG, progress: ProgressOpt = True,
               model: Annotated[Optional[list[str]], typer.Option(help="Only these zoo models.")] = None) -> None:
     """Train the tokenizer and the tiny zoo models (skips what is built)."""
-    from dispersion.zoo import build_zoo, zoo_train_log
+    from dispersion.measure.zoo_cache import zoo_train_log
+    from dispersion.training.zoo import build_zoo
 
     cfg = _load(config)
     names = model or sorted({m.zoo for m in cfg.models if m.zoo}) or None
@@ -55,8 +57,8 @@ def scan(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None, progress: Pro
     """Sample segments, extract every model@revision (resuming), analyse and report."""
     from rich.console import Console
 
-    from dispersion.pipeline import run_scan
-    from dispersion.report import print_tables
+    from dispersion.report.markdown import print_tables
+    from dispersion.run import run_scan
 
     cfg = _load(config)
     console = Console()
@@ -75,15 +77,15 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
     """Recompute bins, correlations, plot and catalog from the stored shards."""
     from rich.console import Console
 
-    from dispersion.pipeline import aggregate
-    from dispersion.scan import plan
-    from dispersion.storage import Store
+    from dispersion.core.storage import Store
+    from dispersion.measure.scan import plan
+    from dispersion.run import aggregate
 
     cfg = _load(config)
     store = Store(root or cfg.root)
     units = plan(cfg, store)
     tables, rep, catalog = aggregate(cfg, store, units)
-    from dispersion.report import print_tables
+    from dispersion.report.markdown import print_tables
 
     a = cfg.analysis
     print_tables(tables["bins"], tables["correlations"], layer=str(a.layer), site=a.site, pool=a.pool,
@@ -93,15 +95,15 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
 
 @app.command()
 def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
-                help="Analysis steps to run (default: the config's analysis.steps; 'all' for every one): "
-                     "domains context layers finetune clusters heldout vendi gap trajectory condensation.")] = None,
+                help="Analysis steps to run (default: the config's analysis.steps; 'all' for every one); "
+                     "`dispersion steps` lists them. Each runs after the steps it needs.")] = None,
             config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
     """Run analysis steps over a finished scan: tables, figures, report, catalog views."""
     from dispersion.config import ANALYSIS_STEPS
-    from dispersion.errors import ConfigError
-    from dispersion.pipeline import aggregate
-    from dispersion.scan import plan
-    from dispersion.storage import Store
+    from dispersion.core.errors import ConfigError
+    from dispersion.core.storage import Store
+    from dispersion.measure.scan import plan
+    from dispersion.run import aggregate
 
     cfg = _load(config)
     only = None
@@ -116,16 +118,34 @@ def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
     typer.echo(f"report: {rep['summary']}\ncatalog: {catalog}")
 
 
+@app.command()
+def steps() -> None:
+    """List the registered analysis steps: paper section, tables, what runs first, options."""
+    from dispersion.analyses import STEPS
+    from dispersion.analyses.registry import steps_markdown
+
+    typer.echo(steps_markdown(STEPS), nl=False)
+
+
 @app.command("train-sweep")
 def train_sweep(config: Annotated[str, typer.Option("--config", "-c", help="Sweep config (YAML).")]
                 = "configs/train-sweep.yaml") -> None:
     """Train every arm of a dispersion-loss sweep in process (finished arms are skipped) and
     write the sweep tables, condensation maps and report. The train-sweep flow runs the arms
     as Ray tasks instead."""
-    from dispersion.train_sweep import load_sweep_config, run_sweep
+    from dispersion.training.sweep import load_sweep_config, run_sweep
 
     out = run_sweep(load_sweep_config(config), log=typer.echo)
     typer.echo(f"report: {out['report']}\ncatalog: {out['catalog']}")
+
+
+@app.command("losses")
+def losses() -> None:
+    """List the auxiliary losses a training config or sweep grid accepts (``loss.name``,
+    ``grid.losses``; ``none`` for none) as the markdown table of docs/TRAINING.md."""
+    from dispersion.training.losses import losses_markdown
+
+    typer.echo(losses_markdown(), nl=False)
 
 
 @app.command()
@@ -137,8 +157,8 @@ def query(sql: Annotated[str, typer.Argument(help="SQL over the catalog views (s
     from rich.console import Console
     from rich.table import Table
 
-    from dispersion.catalog import query as run_query
-    from dispersion.storage import Store
+    from dispersion.core.catalog import query as run_query
+    from dispersion.core.storage import Store
 
     if root is None:
         root = _load(config).root

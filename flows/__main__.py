@@ -12,14 +12,14 @@ import json
 import os
 import sys
 
-from dispersion.errors import DispersionError
+from dispersion.core.errors import DispersionError
 
 
 def preflight(config: str, root: str | None) -> None:
     """Check what can be checked before Prefect and Ray start, so bad input gives one line:
     the config, the storage root (bucket, credentials) and the Ray address."""
     from dispersion.config import load_config
-    from dispersion.storage import Store
+    from dispersion.core.storage import Store
 
     cfg = load_config(config)
     Store(root or cfg.root).check()
@@ -31,8 +31,8 @@ def preflight(config: str, root: str | None) -> None:
 
 
 def preflight_sweep(config: str) -> None:
-    from dispersion.storage import Store
-    from dispersion.train_sweep import load_sweep_config
+    from dispersion.core.storage import Store
+    from dispersion.training.sweep import load_sweep_config
 
     cfg = load_sweep_config(config)
     Store(cfg.root).check()

@@ -7,11 +7,13 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
+from dispersion.analyses.trajectory import trajectory
 from dispersion.config import RunConfig
-from dispersion.storage import Store
-from dispersion.sweep import sweep_config, trajectory
+from dispersion.core.layout import result_path
+from dispersion.core.storage import Store
+from dispersion.measure.scan import WorkUnit
+from dispersion.run import sweep_config
 from flows.scan_models import run_pipeline
-from dispersion.scan import WorkUnit
 from tasks.steps import load_config_task
 
 
@@ -19,7 +21,7 @@ from tasks.steps import load_config_task
 def trajectory_task(cfg: RunConfig, units: list[WorkUnit], root: str) -> str:
     store = Store(root)
     a = cfg.analysis
-    rel = f"results/trajectory/{cfg.name}.parquet"
+    rel = result_path("trajectory", cfg.name)
     if a.enabled("trajectory") and store.exists(rel):  # the analysis step has just written it
         table = store.read_table(rel)
     else:
@@ -40,7 +42,7 @@ def checkpoint_sweep(config: str, model: str, revisions: list[str] | None = None
     root = root or cfg.root
     result, units = run_pipeline(cfg, root)
     result["trajectory"] = trajectory_task(cfg, units, root)
-    from dispersion.catalog import build_catalog
+    from dispersion.core.catalog import build_catalog
 
     result["catalog"] = build_catalog(Store(root))
     return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dispersion.config import RunConfig
-from dispersion.scan import WorkUnit
+from dispersion.measure.scan import WorkUnit
 from tasks.steps import aggregate_task, build_zoo_task, extract_task, load_config_task, plan_task
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dispersion.storage import Store
-from dispersion.train_sweep import SweepConfig, arms, load_sweep_config, publish
+from dispersion.core.layout import result_path
+from dispersion.core.storage import Store
+from dispersion.training.sweep import SweepConfig, arms, load_sweep_config, publish
 
 
 @task(name="load-sweep-config")
@@ -30,7 +31,7 @@ def train_task(cfg: SweepConfig) -> int:
 def report_task(cfg: SweepConfig, ran: int) -> dict:
     store = Store(cfg.root)
     out = publish(cfg, store, arms(cfg), log=get_run_logger().info)
-    selected = store.read_table(f"results/sweep_selected/{cfg.name}.parquet").to_pylist()
+    selected = store.read_table(result_path("sweep_selected", cfg.name)).to_pylist()
     key = f"train-sweep-{cfg.name}".lower().replace("_", "-").replace(".", "-")
     create_table_artifact(key=f"{key}-selected", table=[
         {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in selected],

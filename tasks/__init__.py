@@ -1,3 +1,3 @@
 """Prefect tasks (``tasks.steps``) and Ray remote work (``tasks.ray_extract``) wrapping the
 dispersion library. The unit of work stays the library's plain function
-``dispersion.scan.run_unit``; Ray actors hold a model@revision and call it per shard."""
+``dispersion.measure.scan.run_unit``; Ray actors hold a model@revision and call it per shard."""

@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 import ray
 
-from dispersion.config import RaySpec, RunConfig
-from dispersion.errors import DispersionError
-from dispersion.scan import WorkUnit, balance, is_done, load_extractor, run_unit
-from dispersion.storage import Store
+from dispersion.config import RunConfig
+from dispersion.core.config import RaySpec
+from dispersion.core.errors import DispersionError
+from dispersion.core.storage import Store
+from dispersion.measure.scan import WorkUnit, balance, is_done, load_extractor, run_unit
 
 
 class RayError(DispersionError):

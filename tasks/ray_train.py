@@ -1,4 +1,4 @@
-"""Ray work for training sweeps: one Ray task per arm (dispersion.train_sweep.run_arm).
+"""Ray work for training sweeps: one Ray task per arm (dispersion.training.sweep.run_arm).
 
 Each task asks for ``ray.num_cpus`` / ``ray.num_gpus`` of the sweep config and runs one
 training run with ``OMP_NUM_THREADS`` set to its CPUs; it returns the path of the arm's
@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import ray
 
-from dispersion.storage import Store
-from dispersion.train_sweep import Arm, SweepConfig, arm_rel, run_arm
+from dispersion.core.storage import Store
+from dispersion.training.sweep import Arm, SweepConfig, arm_rel, run_arm
 from tasks.ray_extract import connect, gather
 
 

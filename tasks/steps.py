@@ -7,9 +7,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dispersion.config import RunConfig, load_config
-from dispersion.pipeline import aggregate
-from dispersion.scan import ScanStats, WorkUnit, ensure_zoo, plan, write_manifest
-from dispersion.storage import Store
+from dispersion.core.layout import report_path
+from dispersion.core.storage import Store
+from dispersion.measure.scan import ScanStats, WorkUnit, plan, write_manifest
+from dispersion.run import aggregate, ensure_zoo
 
 
 def _log(msg: str) -> None:
@@ -66,7 +67,7 @@ def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int
         {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
          if k in ("model", "revision", "dataset", "scope", "n_bins", "pearson_r", "spearman_r")} for r in corr],
         description=f"Bin mean perplexity vs dispersion, layer {a.layer}, site {a.site}, pool {a.pool}")
-    with store.fs.open(store.path(f"results/report/{config.name}.md"), "r") as fh:
+    with store.fs.open(store.path(report_path(config.name)), "r") as fh:
         summary = fh.read()
     create_markdown_artifact(key=f"{key}-summary", markdown=(
         f"**{len(units)} work units** ({ran} ran now), report: `{report['plot']}`, catalog: `{catalog}`\n\n"

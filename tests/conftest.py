@@ -35,12 +35,14 @@ def _isolated_homes(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_zoo(tmp_path_factory):
-    """A tiny zoo (both architectures, 2 checkpoints) for end-to-end tests."""
-    from dispersion.config import ZooSpec
-    from dispersion.zoo import build_zoo
+    """A tiny zoo for end-to-end tests: both architectures, 20 training steps, 3 checkpoints
+    (step0, step10, step20: the fewest over which a trajectory Spearman is computed). Scans
+    from :func:`scan_config_dict` read step0 and step20 of gpt2-tiny unless they ask for more."""
+    from dispersion.core.config import ZooSpec
+    from dispersion.training.zoo import build_zoo
 
     spec = ZooSpec(cache=str(tmp_path_factory.mktemp("zoo")), vocab_size=512, train_steps=20,
-                   checkpoints=[0, 20], batch_size=8, seq_len=64)
+                   checkpoints=[0, 10, 20], batch_size=8, seq_len=64)
     build_zoo(spec, names=["gpt2-tiny", "llama-small"], progress=False)
     return spec
 
@@ -49,7 +51,7 @@ def scan_config_dict(zoo, root, **over):
     cfg = {
         "name": "t",
         "root": str(root),
-        "models": [{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": "all"},
+        "models": [{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": ["step0", "step20"]},
                    {"name": "llama-small", "zoo": "llama-small", "revisions": ["step20"]}],
         "datasets": [{"name": "prose", "embedded": "prose", "split": "validation"},
                      {"name": "code", "embedded": "code", "split": "validation"}],

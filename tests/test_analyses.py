@@ -4,34 +4,25 @@ recomputations from the stored shards."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import reference as naive  # the naive float64 references (tests/reference.py)
 from conftest import scan_config_dict
+from scipy.stats import spearmanr
 
 from dispersion.config import parse_config
-from dispersion.errors import ConfigError
-from dispersion.storage import Store
-
-
-def _naive_cos(X: np.ndarray) -> float:
-    X = X.astype(np.float64)
-    U = X / np.linalg.norm(X, axis=1, keepdims=True)
-    n = len(U)
-    return float(sum(1 - U[i] @ U[j] for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) / 2))
-
-
-def _naive_vendi(X: np.ndarray) -> float:
-    U = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
-    lam = np.linalg.eigvalsh(U @ U.T / len(U))
-    lam = lam[lam > 1e-12]
-    return float(np.exp(-(lam * np.log(lam)).sum()))
+from dispersion.core.errors import ConfigError
+from dispersion.core.storage import Store
 
 
 @pytest.fixture(scope="module")
 def analysed(micro_zoo, tmp_path_factory):
-    from dispersion.pipeline import run_scan
+    from dispersion.run import run_scan
 
     root = tmp_path_factory.mktemp("analyses")
     cfg = parse_config(scan_config_dict(
         micro_zoo, root,
+        # every checkpoint of gpt2-tiny (step0, step10, step20): a trajectory Spearman needs >= 3
+        models=[{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": "all"},
+                {"name": "llama-small", "zoo": "llama-small", "revisions": ["step20"]}],
         datasets=[{"name": "prose", "embedded": "prose", "split": "validation"},
                   {"name": "prose-test", "embedded": "prose", "split": "test"},
                   {"name": "code", "embedded": "code", "split": "validation"}],
@@ -80,7 +71,7 @@ def test_context_bins_equal_a_naive_recomputation(analysed):
         for r in got:
             idx = order[r["bin"] * 10:(r["bin"] + 1) * 10]
             assert r["mean_ppl"] == pytest.approx(ppl[idx].mean(), rel=1e-6)
-            assert r["dispersion"] == pytest.approx(_naive_cos(X[idx]), rel=1e-6)
+            assert r["dispersion"] == pytest.approx(naive.dispersion(X[idx]), rel=1e-6)
 
 
 def test_vendi_per_bin_and_layers_table(analysed):
@@ -89,45 +80,102 @@ def test_vendi_per_bin_and_layers_table(analysed):
             and r["layer"] == "final" and r["scope"] == "across"]
     feats, X = _segments(store, "llama-small", "step20", "prose", "last")
     order = np.argsort(feats.ppl.values, kind="stable")
+    assert sorted(r["bin"] for r in bins) == list(range(len(feats) // 10))
     for r in bins:
         idx = order[r["bin"] * 10:(r["bin"] + 1) * 10]
-        assert r["vendi"] == pytest.approx(_naive_vendi(X[idx]), rel=1e-6)
+        assert r["vendi"] == pytest.approx(naive.vendi_score(X[idx]), rel=1e-6)
     layers = _read(store, "layers")
-    # every layer 0..n and final for both revisions of gpt2-tiny; correlations copied from the main table
+    # every layer 0..n and final for every revision of gpt2-tiny; correlations copied from the main table
     got = {(r["revision"], r["layer"]) for r in layers if r["model"] == "gpt2-tiny" and r["scope"] == "across"}
-    assert got == {(rev, lay) for rev in ("step0", "step20") for lay in ("0", "1", "2", "final")}
+    assert got == {(rev, lay) for rev in ("step0", "step10", "step20") for lay in ("0", "1", "2", "final")}
     corr = {(r["model"], r["revision"], r["dataset"], r["layer"], r["scope"], r["pool"]): r["spearman_r"]
             for r in _read(store, "correlations") if r["bins"] == "all"}
     for r in layers:
         assert r["spearman_r"] == corr.get((r["model"], r["revision"], r["dataset"], r["layer"], r["scope"], r["pool"]))
 
 
-def test_heldout_trajectory_and_report(analysed):
-    _, store, result = analysed
+def test_heldout_and_report(analysed):
+    import matplotlib.image as mpimg
+
+    _, store, _ = analysed
     held = _read(store, "heldout")
     assert {r["split"] for r in held} == {"validation", "test"}
     assert {r["dataset"] for r in held} == {"prose", "prose-test"}
-    rho = _read(store, "trajectory_spearman")
-    # gpt2-tiny has 2 checkpoints only: no Spearman over fewer than 3 points is reported
-    assert all(r["n_checkpoints"] >= 3 for r in rho)
-    traj = _read(store, "trajectory")
-    assert {r["revision"] for r in traj if r["model"] == "gpt2-tiny"} == {"step0", "step20"}
-    md = open(store.path("results/report/t.md")).read()
+    with open(store.path("results/report/t.md")) as fh:
+        md = fh.read()
     for fig in ("domains", "context", "layers", "heldout", "vendi", "gap", "clusters", "finetune", "trajectory", "condensation"):
-        assert f"(t/{fig}.png)" in md
-        assert (store.path(f"results/report/t/{fig}.png"))
-        with open(store.path(f"results/report/t/{fig}.png"), "rb") as fh:
+        rel = f"results/report/t/{fig}.png"
+        assert f"(t/{fig}.png)" in md and store.exists(rel)
+        with open(store.path(rel), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    from dispersion.catalog import query
+        img = mpimg.imread(store.path(rel))  # decodes: a real RGB(A) figure, not an empty canvas
+        assert img.ndim == 3 and img.shape[2] in (3, 4) and min(img.shape[:2]) >= 100 and img.std() > 0
+    from dispersion.core.catalog import query
 
     n = query(store, "SELECT count(*) AS n FROM context_bins WHERE alignment = 'segment'").to_pylist()[0]["n"]
     assert n == sum(1 for r in _read(store, "context_bins") if r["alignment"] == "segment")
     assert query(store, "SELECT count(*) AS n FROM vendi").to_pylist()[0]["n"] > 0
 
 
+def test_trajectory_table_equals_a_recomputation_from_the_shards(analysed):
+    """One row per (model, revision, dataset): corpus perplexity, dispersion of the pooled
+    vectors over all segments and mean within-segment dispersion, from the stored shards."""
+    cfg, store, _ = analysed
+    traj = _read(store, "trajectory")
+    datasets = [d.name for d in cfg.datasets]
+    assert sorted((r["model"], r["revision"], r["dataset"]) for r in traj) == sorted(
+        [("gpt2-tiny", rev, ds) for rev in ("step0", "step10", "step20") for ds in datasets]
+        + [("llama-small", "step20", ds) for ds in datasets])
+    for r in traj:
+        assert r["step"] == int(r["revision"].removeprefix("step")) and r["site"] == "block"
+        feats, X = _segments(store, r["model"], r["revision"], r["dataset"], r["pool"], r["layer"])
+        within = pq.read_table(
+            store.path(f"vectors/model={r['model']}/revision={r['revision']}/dataset={r['dataset']}"),
+            filters=[("layer", "=", r["layer"]), ("site", "=", "block"), ("pool", "=", r["pool"])],
+        ).column("within").to_numpy(zero_copy_only=False)
+        assert r["segments"] == len(feats) == len(X) == 90
+        nll, n = feats.nll_sum.to_numpy(np.float64), feats.n_scored.to_numpy(np.float64)
+        assert r["corpus_ppl"] == pytest.approx(np.exp(nll.sum() / n.sum()), rel=1e-9)
+        assert r["mean_ppl"] == pytest.approx(feats.ppl.to_numpy(np.float64).mean(), rel=1e-9)
+        assert r["dispersion"] == pytest.approx(naive.dispersion(X), rel=1e-6)
+        assert r["within"] == pytest.approx(np.nanmean(within.astype(np.float64)), rel=1e-6)  # stored float32
+    # training lowers the perplexity of every dataset from the first checkpoint to the last
+    for ds in datasets:
+        ppl = {r["revision"]: r["corpus_ppl"] for r in traj if r["model"] == "gpt2-tiny" and r["dataset"] == ds}
+        assert ppl["step20"] < ppl["step0"]
+
+
+def test_trajectory_spearman_equals_scipy_over_the_checkpoints(analysed, micro_zoo):
+    """Spearman rho of each measure with the zoo's logged validation loss over gpt2-tiny's 3
+    checkpoints, per dataset, recomputed with scipy from the trajectory and gap tables' own
+    columns; llama-small (one checkpoint) gets no row."""
+    from dispersion.measure.zoo_cache import zoo_train_log
+
+    cfg, store, _ = analysed
+    traj = _read(store, "trajectory")
+    val_loss = {f"step{c['step']}": c["val_loss"] for c in zoo_train_log(micro_zoo.cache, "gpt2-tiny")["checkpoints"]}
+    assert sorted(val_loss) == ["step0", "step10", "step20"]
+    gap = {(g["model"], g["revision"], f"gap_{g['domain']}_{g['metric']}"): g["gap"] for g in _read(store, "gap")}
+    gap_measures = sorted({k[2] for k in gap})
+    assert "gap_digits_cosine" in gap_measures
+    measures = ["corpus_ppl", "dispersion", "within", *gap_measures]
+    rho = _read(store, "trajectory_spearman")
+    assert sorted((r["model"], r["dataset"], r["measure"], r["task"]) for r in rho) == sorted(
+        ("gpt2-tiny", d.name, m, "val_loss") for d in cfg.datasets for m in measures)
+    for r in rho:
+        sub = sorted((t for t in traj if (t["model"], t["dataset"]) == (r["model"], r["dataset"])),
+                     key=lambda t: t["step"])
+        x = [t[r["measure"]] if r["measure"] in t else gap[(t["model"], t["revision"], r["measure"])] for t in sub]
+        y = [val_loss[t["revision"]] for t in sub]
+        want = spearmanr(x, y)
+        assert r["n_checkpoints"] == len(sub) == 3
+        assert r["spearman_r"] == pytest.approx(want.statistic, abs=1e-12)
+        assert r["spearman_p"] == pytest.approx(want.pvalue, rel=1e-9, abs=1e-12)
+
+
 def test_steps_with_missing_inputs_fail_in_one_line(micro_zoo, tmp_path, analysed):
-    from dispersion.pipeline import aggregate
-    from dispersion.scan import plan
+    from dispersion.measure.scan import plan
+    from dispersion.run import aggregate
 
     cfg, store, _ = analysed
     no_pairs = parse_config({**cfg.model_dump(), "datasets": [d.model_dump() for d in cfg.datasets[:1]]})
@@ -141,15 +189,16 @@ def test_steps_with_missing_inputs_fail_in_one_line(micro_zoo, tmp_path, analyse
 
 def test_gap_step_reads_each_checkpoint_and_feeds_the_trajectory(analysed):
     cfg, store, _ = analysed
-    from dispersion.gap import read_output_embeddings
-    from dispersion.scan import model_revisions
+    from dispersion.analyses.gap import read_output_embeddings
+    from dispersion.measure.scan import model_revisions
 
     gap = _read(store, "gap")
     mrs = model_revisions(cfg)
     assert {(r["model"], r["revision"]) for r in gap} == {(m.model, m.revision) for m in mrs}
-    # the trajectory table's measures include the gap columns of each checkpoint
+    # the trajectory's measures include the gap columns of each checkpoint, for every dataset
     rho = _read(store, "trajectory_spearman")
-    assert all(r["measure"] in ("corpus_ppl", "dispersion", "within") or r["measure"].startswith("gap_") for r in rho)
+    gap_measures = {f"gap_{r['domain']}_{r['metric']}" for r in gap}
+    assert {(r["dataset"], r["measure"]) for r in rho} >= {(d.name, m) for d in cfg.datasets for m in gap_measures}
     clusters = _read(store, "clusters")
     assert {(r["model"], r["revision"]) for r in clusters} == {(m.model, m.revision) for m in mrs}
     assert all(r["n_clusters"] >= 2 and 0 < r["within"] < r["between"] for r in clusters if r["step"])
@@ -186,8 +235,8 @@ def test_condensation_step_maps_first_and_last_checkpoints(analysed):
 def test_condensation_maps_more_zoo_sizes_without_a_scan(analysed):
     """``condensation.zoo_models`` maps zoo models that were not scanned, on the segments of a
     scanned zoo model: the same map as when the model is scanned."""
-    from dispersion.pipeline import aggregate
-    from dispersion.scan import plan
+    from dispersion.measure.scan import plan
+    from dispersion.run import aggregate
 
     cfg, store, _ = analysed
     analysis = {**cfg.analysis.model_dump(), "condensation": {"num_sequences": 20, "zoo_models": ["llama-small"]}}

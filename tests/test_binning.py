@@ -1,4 +1,4 @@
-"""Tests for dispersion.binning (paper appendix A.1.2, Algorithm 1)."""
+"""Tests for dispersion.measure.binning (paper appendix A.1.2, Algorithm 1)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dispersion.binning import (
+from dispersion.measure.binning import (
     BinTable,
     Bins,
     bin_dispersion,
@@ -15,7 +15,7 @@ from dispersion.binning import (
     make_bins,
     uniform_perplexity_bins,
 )
-from dispersion.metrics import cosine_dispersion, euclidean_dispersion
+from dispersion.measure.metrics import cosine_dispersion, euclidean_dispersion
 
 
 # ------------------------------------------------------------- Algorithm 1

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from dispersion import clusters as cl
-from dispersion.clusters import (CLUSTERS_SCHEMA, EMBEDDED_DEFAULTS, ClusterSpec, cluster_dispersion_table,
+from dispersion.analyses import clusters as cl
+from dispersion.analyses.clusters import (CLUSTERS_SCHEMA, EMBEDDED_DEFAULTS, ClusterSpec, cluster_dispersion_table,
                                  cluster_states, find_ngram_clusters, plot_clusters, run_clusters, zoo_token_docs)
-from dispersion.errors import ConfigError, DataError
-from dispersion.metrics import cluster_dispersion
+from dispersion.core.errors import ConfigError, DataError
+from dispersion.measure.metrics import cluster_dispersion
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,8 +174,8 @@ def test_embedded_defaults_are_valid():
 
 # --------------------------------------------------------------------------- states
 def _load(zoo, name, rev):
-    from dispersion.modeling import load_model, resolve_source
-    from dispersion.zoo import zoo_model_dir
+    from dispersion.measure.modeling import load_model, resolve_source
+    from dispersion.training.zoo import zoo_model_dir
 
     return load_model(resolve_source(str(zoo_model_dir(zoo.cache, name)), rev))
 
@@ -214,7 +214,7 @@ SMALL = ClusterSpec(n=4, min_count=10, per_cluster=12, context=16, max_clusters=
 
 
 def test_zoo_token_docs(micro_zoo):
-    from dispersion.zoo import token_splits
+    from dispersion.training.zoo import token_splits
 
     ts = token_splits(micro_zoo.cache, micro_zoo.vocab_size)["validation"]
     docs = zoo_token_docs(micro_zoo.cache, micro_zoo.vocab_size, "validation")
@@ -227,7 +227,8 @@ def test_zoo_token_docs(micro_zoo):
 
 
 def test_run_clusters_over_checkpoints(micro_zoo, tmp_path):
-    from dispersion.zoo import zoo_model_dir, zoo_revisions, zoo_train_log
+    from dispersion.measure.zoo_cache import zoo_revisions, zoo_train_log
+    from dispersion.training.zoo import zoo_model_dir
 
     docs = zoo_token_docs(micro_zoo.cache, micro_zoo.vocab_size, "validation")
     c = find_ngram_clusters(docs, SMALL)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dispersion.condensation import (
+from dispersion.measure.condensation import (
     CONDENSATION_DEPTH_SCHEMA,
     CONDENSATION_SCHEMA,
     MEDIAN_BINS,
@@ -20,11 +20,12 @@ from dispersion.condensation import (
     depth_table,
     maps_from_table,
     parse_condensation_spec,
-    plot_condensation,
 )
+from dispersion.report.condensation import plot_condensation
 from conftest import tiny_gpt2, tiny_llama
-from dispersion.errors import ConfigError, DataError, ModelError
-from dispersion.extract import Extractor, _find_blocks, layer_names
+from dispersion.core.errors import ConfigError, DataError, ModelError
+from dispersion.measure.capture import find_blocks, layer_names
+from dispersion.measure.extract import Extractor
 
 VOCAB = 97
 BOS = 1
@@ -57,7 +58,7 @@ def _states(model, seq, bos):
     ids = torch.tensor([[BOS, *seq.tolist()]] if bos else [seq.tolist()])
     n = model.config.num_hidden_layers
     got = {}
-    h = _find_blocks(model.base_model, n)[-1].register_forward_hook(
+    h = find_blocks(model.base_model, n)[-1].register_forward_hook(
         lambda _m, _a, o: got.setdefault("o", o[0] if isinstance(o, tuple) else o))
     try:
         with torch.no_grad():
@@ -158,7 +159,7 @@ def test_bos_never_counted(models):
 
 
 def test_max_tokens_subsample(models):
-    from dispersion.condensation import _kept_positions
+    from dispersion.measure.condensation import _kept_positions
 
     model = models["llama"]
     segs = _segments(4, lengths=(20, 6))

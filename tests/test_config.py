@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from dispersion.config import load_config, parse_config
-from dispersion.errors import ConfigError
+from dispersion.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -75,8 +75,8 @@ def test_extraction_key_ignores_batch_size_only():
 
 
 def test_olmo_trajectory_resolves_the_papers_checkpoints_from_the_recorded_branches():
-    from dispersion.revisions import RevisionRange, expand_revisions
-    from dispersion.sweep import step_of
+    from dispersion.measure.revisions import RevisionRange, expand_revisions
+    from dispersion.core.ids import step_of
 
     cfg = load_config(CONFIGS / "olmo-trajectory.yaml")
     (m,) = cfg.models
@@ -97,7 +97,7 @@ def test_analyses_config_enables_every_step():
 
 
 def test_train_sweep_config_has_the_issue_arms():
-    from dispersion.train_sweep import arms, load_sweep_config
+    from dispersion.training.sweep import arms, load_sweep_config
 
     cfg = load_sweep_config(str(CONFIGS / "train-sweep.yaml"))
     assert {a.loss for a in arms(cfg)} == {"none", "squeeze", "push_away", "dispersion"}
@@ -107,20 +107,3 @@ def test_train_sweep_config_has_the_issue_arms():
 def test_unknown_analysis_step_names_the_field():
     with pytest.raises(ConfigError, match=r"analysis.steps"):
         parse_config({**MINIMAL, "analysis": {"steps": ["nope"]}})
-
-
-def test_every_module_imports_first_in_a_fresh_process():
-    """No import-order cycle: each library module can be the first one a program imports."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    names = sorted(p.stem for p in (root / "dispersion").glob("*.py") if p.stem != "__init__")
-    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module('dispersion.' + n)"
-    failed = []
-    for n in names:  # one process per module: the module must import with nothing loaded before it
-        r = subprocess.run([sys.executable, "-c", code, n], cwd=root, capture_output=True, text=True, timeout=120)
-        if r.returncode:
-            failed.append(f"{n}: {r.stderr.strip().splitlines()[-1]}")
-    assert not failed, failed

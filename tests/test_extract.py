@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from dispersion.errors import ModelError
-from dispersion.extract import Extractor, layer_names
+from reference import dispersion as _naive_within  # mean pairwise cosine distance of the states
+from dispersion.core.errors import ModelError
+from dispersion.measure.extract import Extractor, layer_names
 
 VOCAB = 97
 BOS = 1
@@ -37,16 +38,6 @@ MODELS = {"gpt2": _gpt2, "llama": _llama, "gemma2": _gemma2}
 def _segments(n=7, seed=0, lengths=(20, 13, 20, 5, 17, 20, 9)):
     rng = np.random.default_rng(seed)
     return [rng.integers(2, VOCAB, size=lengths[i % len(lengths)]).astype(np.int32) for i in range(n)]
-
-
-def _naive_within(states: np.ndarray) -> float:
-    u = states / np.linalg.norm(states, axis=1, keepdims=True)
-    n = len(u)
-    total = 0.0
-    for i in range(n):
-        for j in range(i + 1, n):
-            total += 1 - float(u[i] @ u[j])
-    return total / (n * (n - 1) / 2)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -137,7 +128,7 @@ def test_bad_layers_and_bos():
 
 
 def test_non_finite_is_an_error():
-    from dispersion.errors import NonFiniteError
+    from dispersion.core.errors import NonFiniteError
 
     model = _gpt2()
     with torch.no_grad():

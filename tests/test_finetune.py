@@ -1,4 +1,4 @@
-"""Fine-tuning (dispersion.finetune) on the micro zoo: LoRA and full, merge, before/after table."""
+"""Fine-tuning (dispersion.training.finetune) on the micro zoo: LoRA and full, merge, before/after table."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dispersion import finetune as FT
-from dispersion import checkpoints as C
-from dispersion import train as T
-from dispersion.errors import ConfigError, DispersionError, ModelError
-from dispersion.modeling import load_model, load_tokenizer, resolve_source
+from dispersion.training import finetune as FT
+from dispersion.training import checkpoints as C
+from dispersion.training import train as T
+from dispersion.core.errors import ConfigError, DispersionError, ModelError
+from dispersion.measure.modeling import load_model, load_tokenizer, resolve_source
 
 # 12 steps of 8 x 32 tokens: enough to lower the prose perplexity of the 20-step micro zoo model
 TINY = dict(steps=12, batch_size=8, seq_len=32, eval_batches=1, eval_every=6, device="cpu")

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import scan_config_dict
-from dispersion.catalog import query
-from dispersion.errors import DataError
-from dispersion.pipeline import run_scan
-from dispersion.storage import Store
+from dispersion.core.catalog import query
+from dispersion.core.errors import DataError
+from dispersion.run import run_scan
+from dispersion.core.storage import Store
 from servers import restore_env, set_env
 
 QUIET = {"progress": False, "log": lambda *_: None}
@@ -23,7 +23,8 @@ QUIET = {"progress": False, "log": lambda *_: None}
 def _config(zoo, root, path: Path) -> str:
     import yaml
 
-    cfg = scan_config_dict(zoo, root, models=[{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": "all"}],
+    cfg = scan_config_dict(zoo, root,
+                           models=[{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": ["step0", "step20"]}],
                            datasets=[{"name": "code", "embedded": "code"}],
                            sampling={"num_segments": 60, "segment_length": 32, "shard_size": 15, "seed": 5},
                            ray={"num_cpus": 1})
@@ -80,12 +81,12 @@ def test_checkpoint_sweep_adds_only_new_checkpoints(micro_zoo, tmp_path):
     cfg = _config(micro_zoo, root, tmp_path / "cfg.yaml")
     first = checkpoint_sweep(cfg, "gpt2-tiny", revisions=["step0"], root=str(root))
     assert first["ran"] == 4
-    ckpts = str(Path(micro_zoo.cache) / "gpt2-tiny" / "step*")
+    ckpts = str(Path(micro_zoo.cache) / "gpt2-tiny" / "step*")  # the zoo's step0, step10, step20
     second = checkpoint_sweep(cfg, "gpt2-tiny", checkpoint_glob=ckpts, root=str(root))
-    assert second["units"] == 8 and second["ran"] == 4  # step0 was done already
+    assert second["units"] == 12 and second["ran"] == 8  # step0 was done already
     traj = pq.read_table(second["trajectory"]).to_pylist()
-    assert [r["revision"] for r in traj] == ["step0", "step20"]
-    assert traj[1]["corpus_ppl"] < traj[0]["corpus_ppl"]
+    assert [r["revision"] for r in traj] == ["step0", "step10", "step20"]
+    assert traj[-1]["corpus_ppl"] < traj[0]["corpus_ppl"]
 
 
 def test_scan_to_s3_query_with_duckdb_and_resume(micro_zoo, reference, tmp_path, s3):
@@ -170,7 +171,7 @@ def test_unreachable_ray_address_is_one_line():
     from servers import free_port
     from tasks.ray_extract import RayError, connect
 
-    from dispersion.config import RaySpec
+    from dispersion.core.config import RaySpec
 
     port = free_port()
     t0 = time.monotonic()

@@ -4,19 +4,18 @@ end to end, ranking, Spearman against scores, bad score files, the plot."""
 
 import builtins
 import keyword
-import math
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import reference as naive
 import torch
 from scipy.stats import spearmanr
 
-from dispersion import gap as gapmod
-from dispersion.errors import DataError, ModelError
-from dispersion.gap import (
+from dispersion.analyses import gap as gapmod
+from dispersion.analyses.gap import (
     DIGITS,
     EVERYDAY,
     GAP_SCHEMA,
@@ -33,42 +32,23 @@ from dispersion.gap import (
     read_scores,
     spearman_vs_scores,
 )
-from dispersion.modeling import resolve_source
-from dispersion.zoo import zoo_model_dir
+from dispersion.core.errors import DataError, ModelError
+from dispersion.measure.modeling import resolve_source
+from dispersion.training.zoo import zoo_model_dir
 
 slow = pytest.mark.slow  # uses the micro zoo
 
 
-# --------------------------------------------------------------------------- naive reference
-def _cos(a, b):
-    return 1.0 - float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
-
-
-def _euc(a, b):
-    return float(np.sqrt(((a - b) ** 2).sum()))
-
-
-def _naive(E, t, r, d):
-    """Double loops in float64: means and SE (sample sd / sqrt(#pairs)) of the three pair sets."""
-    def stats(pairs):
-        x = np.array([d(E[i], E[j]) for i, j in pairs])
-        return x.mean(), x.std(ddof=1) / math.sqrt(len(x))
-
-    within = stats([(t[i], t[j]) for i in range(len(t)) for j in range(i + 1, len(t))])
-    ref = stats([(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))])
-    between = stats([(i, j) for i in t for j in r])
-    return within, ref, between
-
-
-@pytest.mark.parametrize("metric, dist", [("cosine", _cos), ("euclidean", _euc)])
-def test_gap_stats_equal_a_naive_double_loop(metric, dist):
+# --------------------------------------------------------------------------- naive reference (tests/reference.py)
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_gap_stats_equal_a_naive_reference(metric):
     rng = np.random.default_rng(7)
     for trial in range(3):
         E = rng.normal(size=(300, 24)) * rng.uniform(0.5, 3.0, size=(300, 1)) + rng.normal(size=24)
         t = rng.choice(300, size=12 + trial, replace=False)
         r = rng.choice(300, size=40 + 5 * trial, replace=False)  # may overlap with t
         s = gap_stats(E, t, r, metric)
-        (w, w_se), (rw, rw_se), (b, b_se) = _naive(E, t, r, dist)
+        (w, w_se), (rw, rw_se), (b, b_se) = naive.gap_stats(E, t, r, metric)
         got = [s.result.within_domain, s.result.within_reference, s.result.between, s.result.gap,
                s.within_se, s.reference_within_se, s.between_se]
         want = [w, rw, b, w + b, w_se, rw_se, b_se]

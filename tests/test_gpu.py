@@ -6,7 +6,7 @@ never downloaded. Tolerances:
 
 * CUDA float32 vs CPU float32: the same arithmetic up to summation order (TF32 is off by
   default in torch), ~1e-4 relative; pooled states are stored as float16 (~5e-4 relative).
-* CUDA bfloat16 (weights, or autocast as in ``dispersion.train``) vs CPU float32: bf16 has an
+* CUDA bfloat16 (weights, or autocast as in ``dispersion.training.train``) vs CPU float32: bf16 has an
   8-bit mantissa (relative rounding 2^-9 ~ 2e-3 per value), which compounds over a few layers
   to ~1e-2 relative on states and NLL; the bounds below are 2-3x what the same comparison gives
   with CPU bfloat16.
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as naive  # the naive float64 references (tests/reference.py)
 import torch
 
-from dispersion import losses as L
-from dispersion import metrics as M
-from dispersion import train as T
-from dispersion.extract import Extractor
-from dispersion.modeling import load_model, resolve_source
+from dispersion.measure import metrics as M
+from dispersion.measure.extract import Extractor
+from dispersion.measure.modeling import load_model, resolve_source
+from dispersion.training import losses as L
+from dispersion.training import train as T
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,45 +83,6 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-# ----------------------------------------------------------------------------- naive numpy metrics (float64)
-
-
-def _naive_cosine_dispersion(X: np.ndarray) -> float:
-    U = X / np.linalg.norm(X, axis=1, keepdims=True)
-    C = U @ U.T
-    iu = np.triu_indices(len(X), 1)
-    return float(np.mean(1.0 - C[iu]))
-
-
-def _naive_euclidean_dispersion(X: np.ndarray) -> float:
-    D = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1))
-    iu = np.triu_indices(len(X), 1)
-    return float(np.mean(D[iu]))
-
-
-def _naive_vendi(X: np.ndarray) -> float:
-    U = X / np.linalg.norm(X, axis=1, keepdims=True)
-    lam = np.linalg.eigvalsh(U @ U.T / len(X))
-    lam = lam[lam > 1e-15]
-    return float(np.exp(-np.sum(lam * np.log(lam))))
-
-
-def _naive_cos_between(A: np.ndarray, B: np.ndarray) -> float:
-    Ua = A / np.linalg.norm(A, axis=1, keepdims=True)
-    Ub = B / np.linalg.norm(B, axis=1, keepdims=True)
-    return float(np.mean(1.0 - Ua @ Ub.T))
-
-
-def _naive_clusters(X: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    ks = sorted(set(labels.tolist()))
-    cents = np.stack([X[labels == k].mean(0) for k in ks])
-    within = []
-    for k, c in zip(ks, cents):
-        P = X[labels == k]
-        within.append(np.mean([1.0 - p @ c / (np.linalg.norm(p) * np.linalg.norm(c)) for p in P]))
-    return float(np.mean(within)), _naive_cosine_dispersion(cents)
-
-
 # ----------------------------------------------------------------------------- (a) extraction
 
 
@@ -153,9 +115,7 @@ def _hf_reference(model, segs, layers, skip):
                 kept = h[1 + skip:]  # drop BOS and the first `skip` segment tokens
                 vec[(name, "last")].append(h[-1])
                 vec[(name, "mean")].append(kept.mean(0))
-                U = kept / np.linalg.norm(kept, axis=1, keepdims=True)
-                m = len(U)
-                within[name].append(1.0 - ((U @ U.T).sum() - m) / (m * (m - 1)))
+                within[name].append(naive.dispersion(kept))
     ref = {k: np.asarray(v) for k, v in ref.items()}
     ref["ppl"] = np.exp(ref["nll_sum"] / ref["n_scored"])
     return ref, {k: np.stack(v) for k, v in vec.items()}, {k: np.asarray(v) for k, v in within.items()}
@@ -215,10 +175,10 @@ def test_extraction_on_cuda_matches_cpu_fp32(arch, dtype):
     for name, pool in [("final", "last"), ("final", "mean"), ("1", "mean")]:
         got = gpu.vectors[(name, "block", pool)].astype(np.float64)
         want = ref_vec[(name, pool)]
-        pairs = [(M.cosine_dispersion(got), _naive_cosine_dispersion(want)),
-                 (M.euclidean_dispersion(got), _naive_euclidean_dispersion(want)),
-                 (M.vendi_score(got), _naive_vendi(want)),
-                 *zip(M.cluster_dispersion(got, labels), _naive_clusters(want, labels))]
+        pairs = [(M.cosine_dispersion(got), naive.dispersion(want)),
+                 (M.euclidean_dispersion(got), naive.dispersion(want, "euclidean")),
+                 (M.vendi_score(got), naive.vendi_score(want)),
+                 *zip(M.cluster_dispersion(got, labels), naive.cluster_dispersion(want, labels))]
         for i, (a, b) in enumerate(pairs):
             err = _rel(a, b)
             report[f"metric{i} {name}/{pool}"] = err
@@ -370,7 +330,7 @@ LOSS_CASES = {
     "l2_repel": dict(name="l2_repel", tau=4.0),
     "orthogonal": dict(name="orthogonal"),
 }
-# (value rtol, gradient cosine) for: bf16 states outside autocast (dispersion.train's path: the
+# (value rtol, gradient cosine) for: bf16 states outside autocast (dispersion.training.train's path: the
 # loss casts the states to fp32), and the whole loss inside bf16 autocast (its matmuls in bf16)
 LOSS_TOL = {"trainer": (5e-3, 0.999), "autocast": (2e-2, 0.99)}
 
@@ -407,7 +367,7 @@ def _aux_value_and_grads(aux, hs, batch, autocast: bool):
 def test_aux_losses_on_cuda_bf16_match_cpu_fp32(case, mode):
     """Each auxiliary loss (through make_aux_loss, over the layers of its ``where``) on bf16 CUDA
     states vs the same loss on the fp32 CPU states: ``trainer`` = the loss outside autocast, as
-    dispersion.train.compute_loss calls it (it casts the states to fp32); ``autocast`` = the whole
+    dispersion.training.train.compute_loss calls it (it casts the states to fp32); ``autocast`` = the whole
     loss inside ``torch.autocast(bfloat16)`` (its matmuls then run in bf16)."""
     spec = L.LossSpec(lam=0.1, **LOSS_CASES[case])
     aux = L.make_aux_loss(spec)
@@ -432,7 +392,7 @@ def test_aux_losses_on_cuda_bf16_match_cpu_fp32(case, mode):
 
 @pytest.mark.parametrize("case", ["push_away", "cross_domain", "dispersion_capped", "decorrelation"])
 def test_compute_loss_with_aux_on_cuda_bf16_matches_cpu_fp32(case):
-    """The trainer's step (dispersion.train.compute_loss: forward under bf16 autocast, CE + lam *
+    """The trainer's step (dispersion.training.train.compute_loss: forward under bf16 autocast, CE + lam *
     aux) on CUDA vs the same step in fp32 on the CPU: loss terms close, parameter gradients finite
     and aligned."""
     spec = L.LossSpec(lam=0.1, **LOSS_CASES[case])
@@ -462,7 +422,7 @@ def test_compute_loss_with_aux_on_cuda_bf16_matches_cpu_fp32(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_metrics_accept_cuda_tensors(dtype):
-    """dispersion.metrics takes torch tensors on any device and dtype (converted to float64 on the
+    """dispersion.measure.metrics takes torch tensors on any device and dtype (converted to float64 on the
     CPU): results equal a naive float64 numpy computation on the same (rounded) values."""
     g = torch.Generator().manual_seed(0)
     common = torch.randn(48, generator=g)
@@ -472,22 +432,22 @@ def test_metrics_accept_cuda_tensors(dtype):
     labels = torch.arange(300, device=DEVICE) % 4
     x, y, e = (t.double().cpu().numpy() for t in (X, Y, E))
     rtol = 1e-9
-    assert M.cosine_dispersion(X) == pytest.approx(_naive_cosine_dispersion(x), rel=rtol)
-    assert M.euclidean_dispersion(X, chunk_size=128) == pytest.approx(_naive_euclidean_dispersion(x), rel=rtol)
-    assert M.vendi_score(X) == pytest.approx(_naive_vendi(x), rel=1e-7)
-    assert M.mean_cosine_distance_between(X, Y) == pytest.approx(_naive_cos_between(x, y), rel=rtol)
+    assert M.cosine_dispersion(X) == pytest.approx(naive.dispersion(x), rel=rtol)
+    assert M.euclidean_dispersion(X, chunk_size=128) == pytest.approx(naive.dispersion(x, "euclidean"), rel=rtol)
+    assert M.vendi_score(X) == pytest.approx(naive.vendi_score(x), rel=1e-7)
+    assert M.mean_cosine_distance_between(X, Y) == pytest.approx(naive.mean_distance_between(x, y), rel=rtol)
     within, between = M.cluster_dispersion(X, labels)
-    w_ref, b_ref = _naive_clusters(x, labels.cpu().numpy())
+    w_ref, b_ref = naive.cluster_dispersion(x, labels.cpu().numpy())
     assert within == pytest.approx(w_ref, rel=rtol) and between == pytest.approx(b_ref, rel=rtol)
     dom = np.arange(0, 1000, 7)
     refs = np.arange(3, 1000, 11)
     gap = M.dispersion_gap(E, dom, refs)
-    wt = _naive_cosine_dispersion(e[dom])
-    bt = _naive_cos_between(e[dom], e[refs])
+    wt = naive.dispersion(e[dom])
+    bt = naive.mean_distance_between(e[dom], e[refs])
     assert gap.within_domain == pytest.approx(wt, rel=rtol)
-    assert gap.within_reference == pytest.approx(_naive_cosine_dispersion(e[refs]), rel=rtol)
+    assert gap.within_reference == pytest.approx(naive.dispersion(e[refs]), rel=rtol)
     assert gap.between == pytest.approx(bt, rel=rtol) and gap.gap == pytest.approx(wt + bt, rel=rtol)
     gap_e = M.dispersion_gap(E, dom, refs, metric="euclidean", chunk_size=64)
-    assert gap_e.within_domain == pytest.approx(_naive_euclidean_dispersion(e[dom]), rel=rtol)
+    assert gap_e.within_domain == pytest.approx(naive.dispersion(e[dom], "euclidean"), rel=rtol)
     with pytest.raises(ValueError, match="zero vector"):
         M.cosine_dispersion(torch.zeros(3, 4, device=DEVICE))

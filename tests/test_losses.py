@@ -1,8 +1,9 @@
-"""Dispersion losses (dispersion.losses) against naive O(N^2) loops, gradchecks, and the trainer hook."""
+"""Dispersion losses (dispersion.training.losses) against naive O(N^2) loops, gradchecks, and the trainer hook."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,111 +11,27 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from dispersion import losses as L
-from dispersion import checkpoints as C
-from dispersion import train as T
-from dispersion.errors import ConfigError
-from dispersion.metrics import mean_cosine_distance_between
+from dispersion.training import losses as L
+from dispersion.training import checkpoints as C
+from dispersion.training import train as T
+from dispersion.core.errors import ConfigError
+from dispersion.measure.metrics import mean_cosine_distance_between
+from reference import (  # the naive O(N^2) float64 loops (tests/reference.py)
+    cosine_similarity as _cos,
+    loss_cross_domain_push_away as naive_cross,
+    loss_decorrelation as naive_decorrelation,
+    loss_dispersion as naive_dispersion,
+    loss_groups as _groups,
+    loss_l2_repel as naive_l2,
+    loss_mean_cosine_distance as naive_cos_dist,
+    loss_orthogonalization as naive_orth,
+    ordered_pairs as _pairs,
+)
 
 RTOL = 1e-6
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# ----------------------------------------------------------------------------- naive references
-
-
-def _groups(H, mask, scope):
-    """Lists of float64 numpy vectors: all unmasked states (flatten) or one list per sequence
-    with >= 2 unmasked states."""
-    H = H.detach().double().numpy()
-    m = np.ones(H.shape[:2], bool) if mask is None else mask.numpy().astype(bool)
-    if scope == "flatten":
-        return [[H[b, t] for b in range(H.shape[0]) for t in range(H.shape[1]) if m[b, t]]]
-    out = [[H[b, t] for t in range(H.shape[1]) if m[b, t]] for b in range(H.shape[0])]
-    return [g for g in out if len(g) >= 2]
-
-
-def _cos(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _angle(a, b, eps=L.ARCCOS_EPS):
-    return math.acos(min(max(_cos(a, b), -1 + eps), 1 - eps)) / math.pi
-
-
-def _pairs(g):
-    return [(i, j) for i in range(len(g)) for j in range(len(g)) if i != j]
-
-
-def naive_cos_dist(H, mask, scope):
-    vals = []
-    for g in _groups(H, mask, scope):
-        pairs = _pairs(g)
-        vals.append(sum(1 - _cos(g[i], g[j]) for i, j in pairs) / len(pairs))
-    return float(np.mean(vals))
-
-
-def naive_dispersion(H, mask, scope, tau, reduction="sum"):
-    vals = []
-    for g in _groups(H, mask, scope):
-        pairs = _pairs(g)
-        s = sum(math.exp(-_angle(g[i], g[j]) / tau) for i, j in pairs)
-        vals.append(math.log(s if reduction == "sum" else s / len(pairs)))
-    return float(np.mean(vals))
-
-
-def naive_orth(H, mask, scope):
-    vals = []
-    for g in _groups(H, mask, scope):
-        pairs = _pairs(g)
-        vals.append(sum(max(0.0, 0.5 - _angle(g[i], g[j])) ** 2 for i, j in pairs) / len(pairs))
-    return float(np.mean(vals))
-
-
-def naive_l2(H, mask, scope, tau, lam_norm, reduction="sum"):
-    vals = []
-    for g in _groups(H, mask, scope):
-        pairs = _pairs(g)
-        s = sum(math.exp(-float(np.sum((g[i] - g[j]) ** 2)) / tau) for i, j in pairs)
-        lse = math.log(s if reduction == "sum" else s / len(pairs))
-        vals.append(lse + lam_norm * float(np.mean([np.mean(v ** 2) for v in g])))
-    return float(np.mean(vals))
-
-
-def naive_decorrelation(H, mask, scope, axis, reduction="sum"):
-    vals = []
-    for g in _groups(H, mask, scope):
-        Z = np.stack(g)
-        if axis == "feature":  # correlation between the d dimensions over the n states
-            cols = [Z[:, k] for k in range(Z.shape[1])]
-        else:                  # correlation between the n states over their d features
-            cols = [Z[k] for k in range(Z.shape[0])]
-        total, cnt = 0.0, 0
-        for a in range(len(cols)):
-            for b in range(len(cols)):
-                if a == b:
-                    continue
-                x, y = cols[a], cols[b]
-                r = np.sum((x - x.mean()) * (y - y.mean())) / ((len(x) - 1) * x.std(ddof=1) * y.std(ddof=1))
-                total += r * r
-                cnt += 1
-        vals.append(total if reduction == "sum" else total / cnt)
-    return float(np.mean(vals))
-
-
-def naive_cross(H, mask, domain):
-    Hn = H.detach().double().numpy()
-    m = np.ones(Hn.shape[:2], bool) if mask is None else mask.numpy().astype(bool)
-    states = [(Hn[b, t], int(domain[b])) for b in range(Hn.shape[0]) for t in range(Hn.shape[1]) if m[b, t]]
-    tot, cnt = 0.0, 0
-    for i, (a, da) in enumerate(states):
-        for j, (b, db) in enumerate(states):
-            if i != j and da != db:
-                tot += 1 - _cos(a, b)
-                cnt += 1
-    return -tot / cnt
 
 
 def _data(seed=0, B=3, T=7, d=5, offset=0.0):
@@ -364,6 +281,103 @@ def test_spec_validation():
     out = type("O", (), {"hidden_states": (torch.randn(2, 4, 3), torch.randn(2, 4, 3))})()
     with pytest.raises(ConfigError, match="loss.name"):
         aux(out, T.Batch(None, None, torch.tensor([0, 0]), ("a",)))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+ROOT = Path(__file__).resolve().parents[1]
+TAU, NORM_LAMBDA = 0.7, 0.2
+
+
+def _red(form):
+    return "sum" if form == "paper" else "mean"
+
+
+NAIVE = {  # registered loss -> naive value at its default scope, (H [B, T, d], domain [B], form) -> float
+    "push_away": lambda H, dom, form: -naive_cos_dist(H, None, "flatten"),
+    "cross_domain": lambda H, dom, form: naive_cross(H, None, dom),
+    "squeeze": lambda H, dom, form: naive_cos_dist(H, None, "flatten"),
+    "dispersion": lambda H, dom, form: naive_dispersion(H, None, "sequence", TAU, _red(form)),
+    "decorrelation": lambda H, dom, form: naive_decorrelation(
+        H, None, "sequence", "feature" if form == "paper" else "token", _red(form)),
+    "l2_repel": lambda H, dom, form: naive_l2(H, None, "sequence", TAU, NORM_LAMBDA, _red(form)),
+    "orthogonal": lambda H, dom, form: naive_orth(H, None, "sequence"),
+}
+
+
+def test_registry_entries():
+    assert L.loss_names() == ("none", "push_away", "cross_domain", "squeeze", "dispersion", "decorrelation",
+                              "l2_repel", "orthogonal")
+    assert set(NAIVE) == set(L.LOSSES), "every registered loss needs a naive reference in NAIVE"
+    for name, loss in L.LOSSES.items():
+        assert loss.name == name and loss.scope in loss.scopes
+        assert L.LossSpec(name=name).resolved_scope == loss.scope
+        assert loss.takes_max_tokens == (loss.family == "pairwise")
+    assert [n for n, x in L.LOSSES.items() if x.family == "cosine"] == ["push_away", "cross_domain", "squeeze"]
+    with pytest.raises(ValidationError, match=r"name\n.*unknown loss 'nope' \(known: none, push_away, "):
+        L.LossSpec(name="nope")
+    with pytest.raises(ValidationError, match=r"scope: cross_domain takes only 'flatten'"):
+        L.LossSpec(name="cross_domain", scope="sequence")
+    with pytest.raises(ValidationError, match=r"max_tokens: .*no loss is selected"):
+        L.LossSpec(max_tokens=8)
+    with pytest.raises(ValueError, match="registered twice"):
+        L.register_loss("dispersion", family="pairwise", scope="sequence", paper="-", formula="-")
+    with pytest.raises(ValueError, match="default scope"):
+        L.register_loss("x", family="cosine", scope="sequence", scopes=("flatten",), paper="-", formula="-")
+    with pytest.raises(ValueError, match="not a valid loss name"):
+        L.register_loss("none", family="cosine", scope="flatten", paper="-", formula="-")
+
+
+@pytest.mark.parametrize("form", ["paper", "code"])
+@pytest.mark.parametrize("name", list(L.LOSSES))
+def test_every_registered_loss_through_make_aux_loss(name, form):
+    g = torch.Generator().manual_seed(3)
+    hs = (torch.randn(4, 6, 5, generator=g, dtype=torch.float64),) * 2
+    dom = torch.tensor([0, 1, 1, 0])
+    out = type("O", (), {"hidden_states": hs})()
+    aux = L.make_aux_loss(L.LossSpec(name=name, form=form, tau=TAU, norm_lambda=NORM_LAMBDA))
+    assert _rel(aux(out, T.Batch(None, None, dom, ("a", "b"))), NAIVE[name](hs[1], dom, form)) < RTOL
+
+
+def _doc(marker_begin, marker_end):
+    doc = (ROOT / "docs" / "TRAINING.md").read_text()
+    return doc.split(marker_begin, 1)[1].split(marker_end, 1)[0]
+
+
+def test_training_doc_lists_the_registered_losses():
+    table = _doc("<!-- losses:begin", "<!-- losses:end -->").split("-->\n", 1)[1]
+    assert table == L.losses_markdown(), "docs/TRAINING.md: paste the output of `dispersion losses` as the table"
+    from typer.testing import CliRunner
+
+    from dispersion.cli import app
+
+    result = CliRunner().invoke(app, ["losses"])
+    assert result.exit_code == 0 and result.stdout == table
+
+
+def test_a_new_loss_is_one_registration(monkeypatch):
+    """The docs' example loss, registered as written there: the spec, the sweep grid, the
+    trainer hook and the table take it up."""
+    monkeypatch.setattr(L, "LOSSES", dict(L.LOSSES))
+    example = _doc("### Adding a loss", "## Tables").split("```python\n", 1)[1].split("```", 1)[0]
+    ns = dict(vars(L))  # run as written in the module's namespace (its helpers, torch, register_loss)
+    exec(example, ns)  # noqa: S102
+    assert "cosine_hinge" in L.LOSSES and "cosine_hinge" not in vars(L)
+    spec = L.LossSpec(name="cosine_hinge", max_tokens=30)
+    assert spec.resolved_scope == "sequence"
+    g = torch.Generator().manual_seed(0)
+    hs = (torch.randn(3, 7, 4, generator=g, dtype=torch.float64),) * 2
+    out = type("O", (), {"hidden_states": hs})()
+    vals = []
+    for g in _groups(hs[1], None, "sequence"):
+        pairs = _pairs(g)
+        vals.append(sum(max(0.0, _cos(g[i], g[j])) ** 2 for i, j in pairs) / len(pairs))
+    assert _rel(L.make_aux_loss(spec)(out, T.Batch(None, None, None, ("a",))), float(np.mean(vals))) < RTOL
+    assert "| `cosine_hinge` | pairwise | sequence |" in L.losses_markdown()
+    from dispersion.training.sweep import SweepConfig, arms
+
+    cfg = SweepConfig(grid={"losses": ["none", "cosine_hinge"]}, loss={"max_tokens": 16})
+    assert {a.loss for a in arms(cfg)} == {"none", "cosine_hinge"}
 
 
 # ----------------------------------------------------------------------------- trainer hook

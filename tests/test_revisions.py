@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dispersion.errors import ConfigError, DataError, ModelError
-from dispersion.revisions import (
+from dispersion.core.errors import ConfigError, DataError, ModelError
+from dispersion.measure.revisions import (
     Branch,
     RevisionRange,
     expand_revisions,
@@ -175,7 +175,7 @@ def test_revision_range_model():
 def test_expand_revisions_from_a_file(tmp_path, caplog):
     spec = RevisionRange(start=120000, stop=700000, every=20000, stage="stage1",
                          branches_file="olmo-7b-branches.txt")
-    with caplog.at_level("WARNING", logger="dispersion.revisions"):
+    with caplog.at_level("WARNING", logger="dispersion.measure.revisions"):
         chosen = expand_revisions("allenai/OLMo-2-1124-7B", spec, base_dir=DATA)
     assert len(chosen) == 28 and "260000, 540000" in caplog.text
     empty = RevisionRange(start=2_000_000, stop=2_100_000, every=50_000, branches_file=str(RECORDED))

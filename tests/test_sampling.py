@@ -1,8 +1,8 @@
 import pytest
 
-from dispersion.corpus import Document, embedded_documents, split_of
-from dispersion.errors import DataError
-from dispersion.sampling import sample_segments, segment_id, shard_slices, tokenizer_fingerprint
+from dispersion.measure.corpus import Document, embedded_documents, split_of
+from dispersion.core.errors import DataError
+from dispersion.measure.sampling import sample_segments, segment_id, shard_slices, tokenizer_fingerprint
 
 
 class CharTokenizer:

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import scan_config_dict
+from reference import dispersion
+
 from dispersion.config import parse_config
-from dispersion.pipeline import run_scan
+from dispersion.run import run_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_scan_writes_every_unit_and_table(scanned):
 
 
 def test_bins_equal_a_naive_recomputation(scanned):
-    """Across-scope dispersion of one bin recomputed from the stored vectors by a double loop."""
+    """Across-scope dispersion of one bin recomputed from the stored vectors over all its pairs."""
     cfg, root, result = scanned
     (part,) = (root / "features/model=gpt2-tiny/revision=step20/dataset=code").glob("sample=*/spec=*")
     f = pq.read_table(part).to_pylist()
@@ -56,9 +57,7 @@ def test_bins_equal_a_naive_recomputation(scanned):
     vec = {r["segment_id"]: np.asarray(r["vec"], np.float64) for r in v}
     order = sorted(f, key=lambda r: r["ppl"])
     first = order[:10]
-    naive = np.mean([1 - (vec[a["segment_id"]] @ vec[b["segment_id"]]) /
-                     (np.linalg.norm(vec[a["segment_id"]]) * np.linalg.norm(vec[b["segment_id"]]))
-                     for i, a in enumerate(first) for b in first[i + 1:]])
+    naive = dispersion(np.stack([vec[r["segment_id"]] for r in first]))  # mean over the 45 pairs
     row = [r for r in result.tables["bins"].to_pylist()
            if (r["model"], r["revision"], r["dataset"], r["layer"], r["pool"], r["scope"], r["bin"])
            == ("gpt2-tiny", "step20", "code", "final", "last", "across", 0)][0]
@@ -173,8 +172,8 @@ def test_skip_first_must_leave_tokens(micro_zoo, tmp_path):
 
 
 def test_balance_uses_every_worker_and_keeps_models_contiguous():
-    from dispersion.modeling import ModelSource
-    from dispersion.scan import ModelRevision, SegmentSet, WorkUnit, balance
+    from dispersion.measure.modeling import ModelSource
+    from dispersion.measure.scan import ModelRevision, SegmentSet, WorkUnit, balance
 
     def units(model, n):
         mr = ModelRevision(model, "main", ModelSource("/m", None, True), "auto", "models.0", "fp")

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dispersion.config import parse_config
-from dispersion.corpus import documents, hf_documents
-from dispersion.errors import DataError, ModelError
-from dispersion.modeling import load_model, load_tokenizer, resolve_source
+from dispersion.measure.corpus import documents, hf_documents
+from dispersion.core.errors import DataError, ModelError
+from dispersion.measure.modeling import load_model, load_tokenizer, resolve_source
 
 
 @pytest.fixture(scope="module")

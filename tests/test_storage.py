@@ -2,8 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dispersion.errors import DataError
-from dispersion.storage import Store, partition, vector_column, vector_schema
+from dispersion.core.errors import DataError
+from dispersion.core.layout import partition
+from dispersion.core.storage import Store, vector_column, vector_schema
 
 
 def test_parquet_round_trip_with_float16_vectors(tmp_path):

@@ -1,4 +1,4 @@
-"""The training loop (dispersion.train) on a tiny GPT-2 and synthetic two-domain data, CPU only."""
+"""The training loop (dispersion.training.train) on a tiny GPT-2 and synthetic two-domain data, CPU only."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dispersion import checkpoints as C
-from dispersion import train as T
-from dispersion.errors import ConfigError
-from dispersion.modeling import load_model, resolve_source
+from dispersion.training import checkpoints as C
+from dispersion.training import train as T
+from dispersion.core.errors import ConfigError
+from dispersion.measure.modeling import load_model, resolve_source
 
 VOCAB = 64
 
@@ -243,7 +243,7 @@ def test_a_run_moved_to_another_machine_resumes_from_the_store(tmp_path, s3):
     """Checkpoints and metrics are mirrored to S3 (moto on loopback) as they are written; a
     run whose local folder is gone (another node) pulls the newest stored checkpoint and ends
     with the weights and losses of an uninterrupted run."""
-    from dispersion.storage import Store
+    from dispersion.core.storage import Store
 
     train, evals = _data()
     spec = _spec(steps=6, save_at=[3], eval_every=1)
@@ -281,7 +281,7 @@ def test_a_run_moved_to_another_machine_resumes_from_the_store(tmp_path, s3):
 
 def test_a_local_checkpoint_ahead_of_the_store_is_kept(tmp_path):
     """The local folder wins when it is newer (the store lags only by an upload)."""
-    from dispersion.storage import Store
+    from dispersion.core.storage import Store
 
     train, evals = _data()
     spec = _spec(steps=6, save_at=[2, 4], eval_every=1)
@@ -299,7 +299,7 @@ def test_a_local_checkpoint_ahead_of_the_store_is_kept(tmp_path):
 
 
 def test_a_stored_checkpoint_of_another_run_is_refused_before_any_download(tmp_path):
-    from dispersion.storage import Store
+    from dispersion.core.storage import Store
 
     train, evals = _data()
     mirror = C.Mirror(Store(str(tmp_path / "store")), "run")

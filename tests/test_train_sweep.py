@@ -5,9 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dispersion.errors import ConfigError
-from dispersion.storage import Store
-from dispersion.train_sweep import ARM_SCHEMA, SweepConfig, arms, load_sweep_config, run_sweep, sweep_tables
+from dispersion.core.errors import ConfigError
+from dispersion.core.storage import Store
+from dispersion.training.sweep import (ARM_SCHEMA, SweepConfig, arm_loss, arms, load_sweep_config, run_sweep,
+                                       sweep_tables)
 
 
 def _cfg(zoo, root, work, **grid):
@@ -65,6 +66,20 @@ def test_bad_sweep_config_is_one_line(tmp_path):
         load_sweep_config(str(tmp_path / "missing.yaml"))
 
 
+def test_grid_is_validated_against_the_loss_registry(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("grid: {losses: [none, cross_domain]}\nloss: {scope: sequence}\n")
+    with pytest.raises(ConfigError, match=r"grid.losses: cross_domain .*scope: cross_domain takes only 'flatten'"):
+        load_sweep_config(str(p))
+    p.write_text("grid: {losses: [cross_domain]}\ndomains: [prose]\n")
+    with pytest.raises(ConfigError, match=r"grid.losses: cross_domain pairs states of different domains"):
+        load_sweep_config(str(p))
+    cfg = SweepConfig(grid={"losses": ["none", "push_away", "dispersion"]}, loss={"max_tokens": 16, "tau": 0.5})
+    specs = {a.loss: arm_loss(cfg, a.loss, a.lam) for a in arms(cfg)}
+    assert specs["dispersion"].max_tokens == 16 and specs["dispersion"].tau == 0.5
+    assert specs["push_away"].max_tokens is None and specs["none"].lam == 0.0
+
+
 @pytest.mark.slow
 def test_sweep_in_process_then_flow_on_ray(micro_zoo, tmp_path):
     cfg = _cfg(micro_zoo, tmp_path / "a", tmp_path / "wa")
@@ -82,7 +97,7 @@ def test_sweep_in_process_then_flow_on_ray(micro_zoo, tmp_path):
         if r["step"] == 0:
             assert r["ppl"] == pytest.approx(at0[(r["seed"], r["domain"], r["split"])], rel=1e-6)
     runs = store.read_table("results/train_runs/s.parquet").to_pylist()
-    from dispersion.modeling import load_model, resolve_source
+    from dispersion.measure.modeling import load_model, resolve_source
 
     url = runs[0]["checkpoint_url"]  # the final checkpoint, copied to the store, loads as a model
     assert url.startswith(str(tmp_path / "a" / "checkpoints" / "s")) and load_model(resolve_source(url, None))
@@ -90,7 +105,7 @@ def test_sweep_in_process_then_flow_on_ray(micro_zoo, tmp_path):
     assert cond.num_rows > 0
     assert out["report"].endswith("results/report/s.md")
     # a rerun trains nothing: every arm is published
-    import dispersion.train_sweep as ts
+    import dispersion.training.sweep as ts
 
     calls = []
     orig = ts._model

@@ -16,9 +16,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from dispersion import zoo  # noqa: E402
-from dispersion.config import ZooSpec  # noqa: E402
-from dispersion.errors import ConfigError, ModelError  # noqa: E402
+from dispersion.measure import zoo_cache  # noqa: E402
+from dispersion.training import zoo  # noqa: E402
+from dispersion.core.config import ZooSpec  # noqa: E402
+from dispersion.core.errors import ConfigError, ModelError  # noqa: E402
 
 MICRO = dict(vocab_size=512, train_steps=40, checkpoints=[0, 20, 40], batch_size=8, seq_len=64, seed=0)
 NAMES = ["gpt2-tiny", "llama-small"]
@@ -61,7 +62,7 @@ def test_layout(built):
         assert root == zoo.zoo_model_dir(spec.cache, name) and root.is_absolute()
         assert zoo.zoo_is_built(spec, name)
         assert (root / "_SUCCESS").read_text().strip() == zoo.model_key(spec, name)
-        assert zoo.zoo_revisions(spec.cache, name) == STEPS
+        assert zoo_cache.zoo_revisions(spec.cache, name) == STEPS
         for step in STEPS:
             for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
                 assert (root / step / f).is_file(), (name, step, f)
@@ -124,7 +125,7 @@ def test_validation_loss_falls(built):
     starts = np.linspace(0, val.size - 65, 8).astype(int)
     x = torch.from_numpy(np.stack([val[s:s + 65] for s in starts]).astype(np.int64))
     for name in NAMES:
-        log = zoo.zoo_train_log(spec.cache, name)["checkpoints"]
+        log = zoo_cache.zoo_train_log(spec.cache, name)["checkpoints"]
         v = [r["val_loss"] for r in log]
         assert abs(v[0] - math.log(MICRO["vocab_size"])) < 0.5  # step 0 is the random init
         assert v[-1] < v[0] - 0.5, (name, v)
@@ -142,7 +143,7 @@ def test_validation_loss_falls(built):
 def test_rebuild_is_a_no_op(built, caplog):
     spec, paths, _ = built
     before = _files(Path(spec.cache))
-    with caplog.at_level(logging.INFO, logger="dispersion.zoo"):
+    with caplog.at_level(logging.INFO, logger="dispersion.training.zoo"):
         t0 = time.perf_counter()
         again = zoo.build_zoo(spec, NAMES, progress=False)
         elapsed = time.perf_counter() - t0
@@ -161,7 +162,7 @@ def test_relative_cache(built, monkeypatch):
     rel = spec.model_copy(update={"cache": cache.name})
     assert zoo.zoo_is_built(rel, "gpt2-tiny")  # the cache path is not part of the key
     assert zoo.build_zoo(rel, ["gpt2-tiny"], progress=False) == {"gpt2-tiny": paths["gpt2-tiny"]}
-    assert zoo.zoo_revisions(cache.name, "gpt2-tiny") == STEPS
+    assert zoo_cache.zoo_revisions(cache.name, "gpt2-tiny") == STEPS
 
 
 @slow
@@ -195,7 +196,7 @@ def test_deterministic(built, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{step} {k}")
-    la, lb = (zoo.zoo_train_log(c, "gpt2-tiny")["checkpoints"] for c in (cache, other))
+    la, lb = (zoo_cache.zoo_train_log(c, "gpt2-tiny")["checkpoints"] for c in (cache, other))
     assert [r["val_loss"] for r in la] == [r["val_loss"] for r in lb]
 
 
@@ -205,7 +206,7 @@ def test_a_crashed_build_resumes_and_ends_with_the_same_weights(built, tmp_path,
     checkpoint of its hidden build folder and ends bit-identical to an uninterrupted build."""
     from safetensors.numpy import load_file
 
-    from dispersion import train as T
+    from dispersion.training import train as T
 
     spec, paths, _ = built
     cache = tmp_path / "crash"
@@ -225,21 +226,21 @@ def test_a_crashed_build_resumes_and_ends_with_the_same_weights(built, tmp_path,
         zoo.build_zoo(spec2, ["gpt2-tiny"], progress=False)
     assert not (cache / "gpt2-tiny").exists() and not zoo.zoo_is_built(spec2, "gpt2-tiny")
     with pytest.raises(ModelError, match="not built"):
-        zoo.zoo_revisions(cache, "gpt2-tiny")
+        zoo_cache.zoo_revisions(cache, "gpt2-tiny")
     [build] = [p for p in cache.iterdir() if p.name.startswith(".build-gpt2-tiny-")]
     assert sorted(p.name for p in build.glob("step*")) == ["step0", "step20"]
 
     calls.clear()
     monkeypatch.setattr(T, "evaluate", real)
     zoo.build_zoo(spec2, ["gpt2-tiny"], progress=False)
-    assert zoo.zoo_train_log(cache, "gpt2-tiny")["resumed_from"] == 20
+    assert zoo_cache.zoo_train_log(cache, "gpt2-tiny")["resumed_from"] == 20
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     for step in STEPS:
         a = load_file(paths["gpt2-tiny"] / step / "model.safetensors")
         b = load_file(cache / "gpt2-tiny" / step / "model.safetensors")
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{step} {k}")
-    la, lb = (zoo.zoo_train_log(c, "gpt2-tiny")["checkpoints"] for c in (Path(spec.cache), cache))
+    la, lb = (zoo_cache.zoo_train_log(c, "gpt2-tiny")["checkpoints"] for c in (Path(spec.cache), cache))
     assert [r["val_loss"] for r in la] == [r["val_loss"] for r in lb]
 
 
@@ -251,19 +252,20 @@ def test_revisions_sort_numerically(tmp_path):
     (root / "stepx").mkdir()
     (root / "train_log.json").write_text("{}")
     (root / "_SUCCESS").write_text("abc\n")
-    assert zoo.zoo_revisions(tmp_path, "gpt2-tiny") == ["step0", "step3", "step20", "step100"]
+    assert zoo_cache.zoo_revisions(tmp_path, "gpt2-tiny") == ["step0", "step3", "step20", "step100"]
 
 
 def test_unknown_model_name(tmp_path):
     spec = ZooSpec(cache=str(tmp_path), **MICRO)
     for call in (lambda: zoo.build_zoo(spec, ["gpt2-tiny", "nope"], progress=False),
                  lambda: zoo.zoo_model_dir(tmp_path, "nope"),
-                 lambda: zoo.zoo_revisions(tmp_path, "nope"),
                  lambda: zoo.zoo_is_built(spec, "nope")):
         with pytest.raises(ModelError) as exc:
             call()
         msg = str(exc.value)
         assert "'nope'" in msg and "gpt2-tiny" in msg and "llama-small" in msg and "\n" not in msg
+    with pytest.raises(ModelError, match=r"^zoo: model 'nope' is not built in .* \(run `dispersion zoo build`\)$"):
+        zoo_cache.zoo_revisions(tmp_path, "nope")
     assert not any(tmp_path.iterdir())  # nothing was built
 
 

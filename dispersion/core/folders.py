@@ -1,0 +1,68 @@
+"""Local folders published atomically: build in a hidden sibling, then move into place.
+
+A finished folder holds a ``_SUCCESS`` marker whose text is its build key; a folder is
+complete exactly when the marker names the key asked for. Temporary siblings carry the pid
+of the process that writes them, so stale ones (their process is gone) can be removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+SUCCESS = "_SUCCESS"
+
+
+def read_marker(folder: Path) -> str | None:
+    """The build key in ``folder/_SUCCESS``, ``None`` when the build is not complete."""
+    try:
+        return (folder / SUCCESS).read_text().strip()
+    except OSError:
+        return None
+
+
+def tmp_sibling(final: Path) -> Path:
+    """A hidden temporary sibling of ``final`` named after this process (see :func:`clean_stale_tmp`)."""
+    return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def install_folder(tmp: Path, final: Path, key: str) -> None:
+    """Move a finished build folder into place; an old/stale ``final`` is swapped out first."""
+    if final.exists():
+        if read_marker(final) == key:  # someone else finished the same build meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        trash = final.with_name(f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if read_marker(final) != key:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_tmp(cache: Path) -> None:
+    """Remove temporary build folders left by processes that no longer run."""
+    if not cache.is_dir():
+        return
+    for p in cache.iterdir():
+        if not (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+            continue
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+            continue  # still running
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,36 @@
+"""Identifiers: the one content digest and the one revision -> training-step parser.
+
+Every key in the store (extraction spec, work unit, sample, zoo build, training run) is a
+``digest`` of a JSON payload, so equal inputs give equal keys on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+_STEP = re.compile(r"(?:^|[^A-Za-z0-9])step(\d+)(?=$|[^0-9])|^step(\d+)")
+
+
+def digest(payload: object, chars: int = 12) -> str:
+    """Hex blake2b-128 of ``payload`` as canonical JSON (sorted keys), cut to ``chars`` (<= 32)."""
+    if not 1 <= chars <= 32:
+        raise ValueError(f"chars must be in 1..32, got {chars}")
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()[:chars]
+
+
+def step_of(revision: str) -> int | None:
+    """The training step named by a revision: ``step1000``, OLMo's ``stage1-step1000-tokens4B``,
+    a checkpoint folder ``step30``; ``None`` for names without one (``main``, a commit hash)."""
+    m = _STEP.search(revision)
+    if m is None:
+        return None
+    return int(m.group(1) or m.group(2))
+
+
+def revision_order(revision: str) -> tuple[float, str]:
+    """Sort key: revisions by training step (``step30`` < ``step300``), names without a step last."""
+    s = step_of(revision)
+    return (float("inf") if s is None else float(s), revision)

@@ -1,0 +1,247 @@
+"""One forward pass per batch of segments: perplexity and pooled hidden states.
+
+Per segment ``x_1..x_L`` (paper 001 Sec. 2.1 and footnote 2):
+
+* ``nll_sum = -sum_t log p(x_t | x_<t)`` over the scored tokens, ``n_scored`` of them, and
+  ``ppl = exp(nll_sum / n_scored)``. With ``prepend_bos`` the model sees ``[BOS] x_1..x_L``
+  and all L tokens are scored; without it, ``x_1`` has no context and L-1 are scored.
+* ``last_token_nll = -log p(x_L | x_<L)``; ``last_nll_c{c} = -log p(x_c | x_<c)``, the
+  last-token NLL of the prefix of length c (paper 001 Fig. 4), read from the same pass
+  because the model is causal.
+
+Hidden states are read by :class:`dispersion.measure.capture.Capture` (forward hooks on just
+the requested modules) and reduced inside the hook, so memory is O(batch x d) per target,
+never all layers x tokens:
+
+* layers ``0``..``n`` and ``final``, sites ``block``, ``attn``, ``mlp``: as defined in
+  :mod:`dispersion.measure.capture` (``0`` = input of block 1, ``l`` = block ``l``'s output
+  before the final norm, ``final`` = the final norm's output, which feeds the LM head).
+* pools ``last`` (state at the last token) and ``mean`` (mean over kept positions); pool
+  ``context`` adds, for every context length c, pool ``c{c}``: the state at segment token
+  c, i.e. the last-token state of the prefix x_1..x_c (the model is causal, so it equals
+  the last state of a segment of length c), with ``next_nll_c{c} = -log p(x_{c+1} | x_<=c)``,
+  the NLL of the prediction that state makes (paper 001 Fig. 4).
+* ``within``: the within-segment token dispersion, mean pairwise cosine distance among the
+  kept token states, in O(L d): with unit rows u_t, ``1 - (|sum u|^2 - n) / (n (n-1))``.
+
+Kept positions exclude the BOS position and then the first ``skip_first`` segment tokens
+(their outlier activations, "attention sinks", skew cosine geometry). The perplexity
+always covers the whole segment.
+
+Token NLL is computed in chunks of at most ``nll_chunk_tokens`` rows through the LM head,
+and at most ``LOGIT_BUDGET`` fp32 logits at once, so memory never grows as batch x sequence x
+vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from dispersion.core.errors import ModelError, NonFiniteError
+from dispersion.measure.capture import (
+    Capture,
+    Target,
+    layer_names,
+    resolve_bos,
+    targets,
+)
+
+__all__ = ["LOGIT_BUDGET", "Extracted", "Extractor", "layer_names", "targets"]
+
+LOGIT_BUDGET = 2**26  # fp32 logits held at once (256 MiB): caps the NLL chunk for large vocabularies
+
+
+@dataclass
+class Extracted:
+    """Numpy results for a list of segments, in input order."""
+
+    features: dict[str, np.ndarray]
+    vectors: dict[tuple[str, str, str], np.ndarray]  # (layer, site, pool) -> float16 [N, d]
+    norms: dict[tuple[str, str, str], np.ndarray]    # (layer, site, pool) -> float32 [N]
+    within: dict[Target, np.ndarray]                 # (layer, site) -> float32 [N]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Extractor:
+    """Holds a model and extracts features for batches of token-id sequences.
+
+    ``bos_token_id`` is required with ``prepend_bos``; callers pick it with
+    :func:`dispersion.measure.capture.resolve_bos` (the tokenizer's BOS, else its EOS).
+    """
+
+    def __init__(self, model: nn.Module, *, layers: Sequence[int | str] = ("final",),
+                 sites: Sequence[str] = ("block",), pools: Sequence[str] = ("last", "mean"),
+                 prepend_bos: bool = True, bos_token_id: int | None = None, skip_first: int = 0,
+                 context_lengths: Sequence[int] = (), batch_size: int = 16,
+                 nll_chunk_tokens: int = 2048, pad_token_id: int = 0):
+        from dispersion.measure.modeling import num_layers, text_config
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.n_layers = num_layers(model.config)
+        self.layers = layer_names(layers, self.n_layers)
+        self.targets = targets(self.layers, sites)
+        self.pools = [p for p in pools if p != "context"]
+        self.context_pools = "context" in pools
+        self.prepend_bos = prepend_bos
+        self.bos_token_id = resolve_bos(bos_token_id, "extraction.prepend_bos") if prepend_bos else bos_token_id
+        self.skip_first = skip_first
+        self.context_lengths = list(context_lengths)
+        self.batch_size = batch_size
+        self.nll_chunk_tokens = nll_chunk_tokens
+        self.pad_token_id = pad_token_id
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()  # type: ignore[operator]  # torch types Module.__getattr__
+        self.softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
+        self._capture = Capture(model, self.targets, self._reduce)  # runs to the end: NLL needs `final`
+        self._state: dict = {}
+
+    # -- reducer -------------------------------------------------------------------------
+    def _reduce(self, target: Target, hidden: torch.Tensor) -> None:
+        """Pool one target's [B, T, d] states into the current batch's accumulators (a
+        :class:`dispersion.measure.capture.Capture` reducer)."""
+        st = self._state
+        h = hidden.float()
+        keep = st["keep"]                      # [B, T] bool
+        n = keep.sum(1)                        # [B]
+        out = st["out"]
+        if "last" in self.pools:
+            out[(*target, "last")] = h[st["rows"], st["last"]]
+        if "mean" in self.pools:
+            out[(*target, "mean")] = (h * keep.unsqueeze(-1)).sum(1) / n.clamp(min=1).unsqueeze(-1)
+        if self.context_pools:
+            for c in self.context_lengths:
+                out[(*target, f"c{c}")] = h[:, st["off"] + c - 1]
+        unit = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        s = (unit * keep.unsqueeze(-1)).sum(1)
+        nf = n.double()
+        within = 1.0 - ((s.double() ** 2).sum(-1) - nf) / (nf * (nf - 1)).clamp(min=1)
+        out[(*target, "within")] = torch.where(n >= 2, within, torch.full_like(within, float("nan")))
+
+    # -- NLL -----------------------------------------------------------------------------
+    def _token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """NLL of token t+1 from state t, for positions where ``scored`` [B, T-1] is true."""
+        rows, cols = scored.nonzero(as_tuple=True)
+        targets_ = input_ids[rows, cols + 1]
+        nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        vocab = self.lm_head.weight.shape[0]
+        chunk = max(1, min(self.nll_chunk_tokens, LOGIT_BUDGET // vocab))
+        for s in range(0, rows.numel(), chunk):
+            e = min(s + chunk, rows.numel())
+            logits = self.lm_head(hidden[rows[s:e], cols[s:e]]).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            nll[s:e] = torch.logsumexp(logits, -1) - logits.gather(1, targets_[s:e, None]).squeeze(1)
+        full = torch.full(scored.shape, float("nan"), dtype=torch.float32, device=hidden.device)
+        full[rows, cols] = nll
+        return full
+
+    # -- main ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _batch(self, seqs: Sequence[np.ndarray]) -> dict:
+        off = 1 if self.prepend_bos else 0
+        lengths = torch.tensor([len(s) for s in seqs])
+        T = int(lengths.max()) + off
+        B = len(seqs)
+        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if off:
+                assert self.bos_token_id is not None  # resolved in __init__ when prepend_bos
+                ids[i, 0] = self.bos_token_id
+            ids[i, off:off + len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, :off + len(s)] = 1
+        if self.context_pools and self.context_lengths and int(lengths.min()) < max(self.context_lengths):
+            raise ModelError(f"extraction.context_lengths: {max(self.context_lengths)} is longer than a "
+                             f"segment ({int(lengths.min())} tokens)")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = torch.arange(T, device=self.device).unsqueeze(0)
+        total = (lengths + off).to(self.device).unsqueeze(1)
+        keep = (pos >= off + self.skip_first) & (pos < total)
+        self._state = {"keep": keep, "off": off, "rows": torch.arange(B, device=self.device),
+                       "last": (total.squeeze(1) - 1), "out": {}}
+        hidden = self._capture.forward(input_ids=ids, attention_mask=mask)  # [B, T, d]; reduces `final`
+        assert hidden is not None  # the capture has no stop_early: the pass runs to the end
+        # state at position p predicts token p+1; score targets inside the segment
+        scored = pos[:, :-1] + 1 < total
+        nll = self._token_nll(hidden, ids, scored)  # [B, T-1]; column p scores token p+1
+        if off:
+            seg_nll, seg_scored = nll[:, off - 1:], scored[:, off - 1:]
+        else:
+            pad = torch.zeros((B, 1), dtype=torch.bool, device=nll.device)
+            seg_nll = torch.cat([torch.full((B, 1), float("nan"), device=nll.device), nll], 1)
+            seg_scored = torch.cat([pad, scored], 1)
+        # seg_nll[:, j] = NLL of segment token j (0-based); NaN where not scored
+        res = {
+            "nll_sum": torch.where(seg_scored, seg_nll, 0).double().sum(1),
+            "n_scored": seg_scored.sum(1),
+            "last_token_nll": seg_nll[torch.arange(B), lengths.to(self.device) - 1],
+        }
+        for c in self.context_lengths:
+            col = seg_nll[:, c - 1] if c - 1 < seg_nll.shape[1] else torch.full((B,), float("nan"), device=nll.device)
+            res[f"last_nll_c{c}"] = torch.where(lengths.to(self.device) >= c, col, float("nan"))
+            if self.context_pools:
+                nxt = seg_nll[:, c] if c < seg_nll.shape[1] else torch.full((B,), float("nan"), device=nll.device)
+                res[f"next_nll_c{c}"] = torch.where(lengths.to(self.device) > c, nxt, float("nan"))
+        res["out"] = self._state["out"]
+        return res
+
+    def extract(self, token_ids: Sequence[np.ndarray], progress=None) -> Extracted:
+        """Extract features for every sequence; batches are sorted by length (longest first)."""
+        import time
+
+        n = len(token_ids)
+        if n == 0:
+            raise ModelError("extract: no segments")
+        order = sorted(range(n), key=lambda i: -len(token_ids[i]))
+        feats: dict[str, np.ndarray] = {}
+        vecs: dict = {}
+        within: dict = {}
+        t0 = time.perf_counter()
+        try:
+            with self._capture:  # hooks on for the whole call
+                for s in range(0, n, self.batch_size):
+                    idx = order[s:s + self.batch_size]
+                    res = self._batch([token_ids[i] for i in idx])
+                    out = res.pop("out")
+                    for k, v in res.items():
+                        dtype = np.float64 if k == "nll_sum" else np.float32
+                        feats.setdefault(k, np.empty(n, dtype))[idx] = v.cpu().numpy()
+                    for (layer, site, kind), v in out.items():
+                        v = v.cpu().numpy()
+                        if kind == "within":
+                            within.setdefault((layer, site), np.empty(n, np.float32))[idx] = v
+                        else:
+                            vecs.setdefault((layer, site, kind), np.empty((n, v.shape[1]), np.float32))[idx] = v
+                    if progress is not None:
+                        progress(len(idx))
+        finally:
+            self._state = {}
+        feats["n_scored"] = feats["n_scored"].astype(np.int32)
+        if (feats["n_scored"] < 1).any():
+            raise ModelError("extract: a segment has no scored token (length 1 without prepend_bos)")
+        feats["ppl"] = np.exp(feats["nll_sum"] / feats["n_scored"]).astype(np.float64)
+        feats["last_token_ppl"] = np.exp(feats["last_token_nll"].astype(np.float64))
+        _check_finite(feats, vecs)
+        vectors = {k: v.astype(np.float16) for k, v in vecs.items()}
+        norms = {k: np.linalg.norm(v, axis=1).astype(np.float32) for k, v in vecs.items()}
+        return Extracted(feats, vectors, norms, within, {"forward_s": time.perf_counter() - t0})
+
+
+def _check_finite(feats: dict[str, np.ndarray], vecs: dict) -> None:
+    for k in ("nll_sum", "ppl", "last_token_nll"):
+        bad = ~np.isfinite(feats[k])
+        if bad.any():
+            raise NonFiniteError(f"extract: {k} is not finite for {int(bad.sum())} segment(s) "
+                                 f"(first row {int(np.argmax(bad))})")
+    for key, v in vecs.items():
+        bad = ~np.isfinite(v).all(1)
+        if bad.any():
+            raise NonFiniteError(f"extract: hidden state {'/'.join(key)} is not finite for {int(bad.sum())} segment(s)")
+        if np.abs(v).max() > 65504:
+            raise NonFiniteError(f"extract: hidden state {'/'.join(key)} overflows float16 storage")

@@ -1,0 +1,360 @@
+"""Plan and run a scan: (model@revision) x (dataset shard) work units, each a plain function.
+
+A scan is::
+
+    resolve models -> sample segments per (dataset, tokenizer) -> plan work units
+    -> run every pending unit (in process here; on Ray actors in tasks/) -> analyse
+
+A work unit is (model@revision, dataset sample, shard, extraction spec). Its outputs live at
+paths made of those inputs and its completion marker records a key hashing all of them,
+so a unit whose marker exists is skipped: reruns resume, and a sweep that adds
+checkpoints computes only the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from dispersion import __version__
+from dispersion.core import layout
+from dispersion.core.config import ExtractionSpec, ScanConfig
+from dispersion.core.errors import ConfigError, DataError, ModelError
+from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
+from dispersion.measure.corpus import dataset_key, document_source
+from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
+from dispersion.measure.sampling import sample_key, sample_segments, shard_slices, tokenizer_fingerprint
+from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
+
+
+@dataclass(frozen=True)
+class ModelRevision:
+    """One model at one revision, resolved to something loadable."""
+
+    model: str
+    revision: str
+    source: ModelSource
+    dtype: str  # configured dtype ("auto" resolved at load time)
+    field: str  # config path, for error messages
+    fingerprint: str  # identifies the weights (see dispersion.measure.modeling.source_fingerprint)
+
+
+@dataclass(frozen=True)
+class SegmentSet:
+    dataset: str
+    sample: str
+    shard_rows: tuple[int, ...]
+
+    def shard_rel(self, k: int) -> str:
+        return layout.segments_shard(self.dataset, self.sample, k)
+
+    @property
+    def marker_rel(self) -> str:
+        return layout.segments_marker(self.dataset, self.sample)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Everything that determines one output shard."""
+
+    mr: ModelRevision
+    segments: SegmentSet
+    shard: int
+    spec_key: str
+    dtype: str  # resolved dtype, part of spec_key
+
+    @property
+    def n_rows(self) -> int:
+        return self.segments.shard_rows[self.shard]
+
+    def _part(self) -> str:
+        return layout.unit_partition(self.mr.model, self.mr.revision, self.segments.dataset,
+                                     self.segments.sample, self.spec_key)
+
+    @property
+    def features_rel(self) -> str:
+        return layout.features_shard(self._part(), self.shard)
+
+    def vectors_rel(self, layer: str, site: str, pool: str) -> str:
+        return layout.vectors_shard(self._part(), self.shard, layer, site, pool)
+
+    @property
+    def marker_rel(self) -> str:
+        return layout.unit_marker(self._part(), self.shard)
+
+    @property
+    def key(self) -> str:
+        payload = [self.mr.model, self.mr.revision, self.mr.source.location, self.mr.source.revision,
+                   self.mr.fingerprint, self.segments.dataset, self.segments.sample, self.shard, self.n_rows,
+                   self.spec_key]
+        return hashlib.blake2b(json.dumps(payload).encode(), digest_size=10).hexdigest()
+
+    def describe(self) -> str:
+        return f"{self.mr.model}@{self.mr.revision} {self.segments.dataset} shard {self.shard}"
+
+
+def is_done(store: Store, unit: WorkUnit) -> bool:
+    """Done: the marker names this unit's key and row count, its files exist, and the
+    features file holds that many rows."""
+    marker = store.read_json(unit.marker_rel)
+    if not (marker and marker.get("key") == unit.key and marker.get("rows") == unit.n_rows):
+        return False
+    if not all(store.exists(f) for f in marker.get("files", [])):
+        return False
+    return store.num_rows(unit.features_rel) == unit.n_rows
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None) -> list[ModelRevision]:
+    """Every configured model@revision, resolved (zoo models must be built already; GGUF and
+    packaged models are converted into ``config.model_cache`` on first use)."""
+    out = []
+    for i, spec in enumerate(config.models):
+        fld = f"models.{i}"
+        if spec.gguf is not None or spec.packaged is not None:  # one file -> one local folder, 'main'
+            from dispersion.measure.gguf import spec_gguf
+
+            conv = spec_gguf(spec, config.model_cache, field=fld, log=log)
+            src = resolve_source(str(conv.folder), None, field=f"{fld}.{spec.source_kind}")
+            out.append(ModelRevision(spec.name, "main", src, spec.dtype, fld, conv.fingerprint))
+            continue
+        if spec.zoo is not None:
+            root = zoo_model_dir(config.zoo.cache, spec.zoo)
+            revisions = zoo_revisions(config.zoo.cache, spec.zoo) if spec.revisions == "all" else spec.revisions
+            model_id = str(root)
+        else:  # ModelSpec validation: an id model (exactly one source), revisions not 'all' (zoo only)
+            assert spec.id is not None and spec.revisions != "all"
+            revisions, model_id = spec.revisions, spec.id
+        if not isinstance(revisions, list):  # a RevisionRange over stepN branches
+            from dispersion.measure.revisions import expand_revisions
+
+            revisions = expand_revisions(model_id, revisions)
+        for rev in revisions:
+            src = resolve_source(model_id, rev, field=f"{fld}.{'zoo' if spec.zoo else 'id'}",
+                                 trust_remote_code=spec.trust_remote_code)
+            out.append(ModelRevision(spec.name, rev, src, spec.dtype, fld, source_fingerprint(src)))
+    return out
+
+
+def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
+    """Fail before any work if the layers or the segment length do not fit the model."""
+    from transformers import AutoConfig
+
+    from dispersion.measure.modeling import max_positions
+
+    try:
+        cfg = AutoConfig.from_pretrained(mr.source.location, revision=mr.source.revision,
+                                         trust_remote_code=mr.source.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{mr.field}: cannot load config of {mr.source.describe()!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+    from dispersion.measure.capture import layer_names
+    from dispersion.measure.modeling import num_layers
+
+    layer_names(config.extraction.layers, num_layers(cfg))  # raises naming extraction.layers
+    limit = max_positions(cfg)
+    need = config.sampling.segment_length + int(config.extraction.prepend_bos)
+    if limit is not None and need > limit:
+        raise ConfigError(f"sampling.segment_length: {config.sampling.segment_length} tokens"
+                          f"{' + BOS' if config.extraction.prepend_bos else ''} exceed the context of "
+                          f"{mr.model}@{mr.revision} ({limit})")
+
+
+def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
+                     log: Callable[[str], None] = print) -> dict[str, SegmentSet]:
+    """Sample (or reuse) the segments of every dataset for one tokenizer.
+
+    Every missing sample is drawn before any is written, so a bad dataset (missing text
+    field, too few segments) publishes nothing."""
+    s = config.sampling
+    out: dict[str, SegmentSet] = {}
+    todo: list[tuple[SegmentSet, pa.Table, dict]] = []
+    for i, ds in enumerate(config.datasets):
+        key = sample_key(dataset_key(ds), tok_fp, s.num_segments, s.segment_length, s.seed, s.shard_size)
+        rows = tuple(b - a for a, b in shard_slices(s.num_segments, s.shard_size))
+        seg = SegmentSet(ds.name, key, rows)
+        out[ds.name] = seg
+        marker = store.read_json(seg.marker_rel)
+        if marker and marker.get("rows") == list(rows):
+            continue
+        t0 = time.perf_counter()
+        try:
+            table = sample_segments(document_source(ds), tokenizer, length=s.segment_length,
+                                    num_segments=s.num_segments, seed=s.seed, dataset_key=dataset_key(ds),
+                                    dataset_name=ds.name)
+        except DataError as err:
+            msg = str(err)
+            raise DataError(msg if msg.startswith("datasets.") else f"datasets.{i}.{msg}") from None
+        log(f"sampled {s.num_segments} segments of {s.segment_length} tokens from {ds.name} "
+            f"in {time.perf_counter() - t0:.1f}s")
+        todo.append((seg, table, {"rows": list(rows), "dataset": ds.model_dump(), "tokenizer": tok_fp,
+                                  "sampling": s.model_dump()}))
+    for seg, table, marker in todo:
+        for k, (a, b) in enumerate(shard_slices(s.num_segments, s.shard_size)):
+            store.write_table(seg.shard_rel(k), table.slice(a, b - a))
+        store.write_json(seg.marker_rel, marker)
+    return out
+
+
+def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print) -> list[WorkUnit]:
+    """All work units of a scan, with segments sampled and stored (done units included)."""
+    from dispersion.measure.modeling import resolve_device, resolve_dtype
+
+    device = resolve_device(config.extraction.device)
+    if config.extraction.skip_first >= config.sampling.segment_length:
+        raise ConfigError(f"extraction.skip_first: {config.extraction.skip_first} drops every token of a "
+                          f"{config.sampling.segment_length}-token segment")
+    for c in config.extraction.context_lengths:
+        if c > config.sampling.segment_length or (c < 2 and not config.extraction.prepend_bos):
+            raise ConfigError(f"extraction.context_lengths: {c} is outside 1..segment_length "
+                              f"({config.sampling.segment_length}; 2.. without prepend_bos)")
+    units: list[WorkUnit] = []
+    seg_cache: dict[str, dict[str, SegmentSet]] = {}
+    tok_cache: dict[tuple, tuple] = {}
+    mrs = model_revisions(config, log=log)
+    for mr in mrs:
+        _check_model_config(mr, config)
+    for mr in mrs:
+        tkey = (mr.source.location, mr.source.revision)
+        if tkey not in tok_cache:
+            tok = load_tokenizer(mr.source, field=mr.field)
+            tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
+        tok, fp = tok_cache[tkey]
+        if fp not in seg_cache:
+            seg_cache[fp] = prepare_segments(config, store, tok, fp, log)
+        dtype = resolve_dtype(mr.dtype, device)
+        spec_key = config.extraction.key(dtype)
+        for seg in seg_cache[fp].values():
+            units.extend(WorkUnit(mr, seg, k, spec_key, dtype) for k in range(len(seg.shard_rows)))
+    return units
+
+
+# -- execution --------------------------------------------------------------------------------
+
+def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str):
+    """Load model and tokenizer once; the returned Extractor serves all of its units."""
+    from dispersion.measure.capture import bos_or_eos, resolve_bos
+    from dispersion.measure.extract import Extractor
+    from dispersion.measure.modeling import load_model, resolve_device
+
+    tok = load_tokenizer(mr.source, field=mr.field)
+    bos = resolve_bos(tok, "extraction.prepend_bos") if spec.prepend_bos else None
+    model = load_model(mr.source, dtype=dtype, device=resolve_device(spec.device), field=mr.field)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (bos_or_eos(tok) or 0)
+    return Extractor(model, layers=spec.layers, sites=spec.sites, pools=spec.pools,
+                     prepend_bos=spec.prepend_bos, bos_token_id=bos, skip_first=spec.skip_first,
+                     context_lengths=spec.context_lengths, batch_size=spec.batch_size,
+                     nll_chunk_tokens=spec.nll_chunk_tokens, pad_token_id=pad)
+
+
+def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], None] | None = None) -> dict:
+    """Extract one shard and publish its features, vectors and marker. Returns the marker."""
+    t0 = time.perf_counter()
+    seg = store.read_table(unit.segments.shard_rel(unit.shard))
+    if seg.num_rows != unit.n_rows:
+        raise DataError(f"{unit.segments.shard_rel(unit.shard)}: {seg.num_rows} rows, expected {unit.n_rows}")
+    tokens = [np.asarray(t, dtype=np.int32) for t in seg.column("token_ids").to_pylist()]
+    out = extractor.extract(tokens, progress=progress)
+    ids = seg.column("segment_id")
+    feats = {"segment_id": ids, "n_tokens": seg.column("n_tokens")}
+    feats.update({k: v for k, v in out.features.items()})
+    schema = feature_schema(extractor.context_lengths, extractor.context_pools)
+    store.write_table(unit.features_rel, pa.table({f.name: feats[f.name] for f in schema}, schema=schema))
+    files = [unit.features_rel]
+    for (layer, site, pool), vec in out.vectors.items():
+        table = pa.table({"segment_id": ids, "vec": vector_column(vec), "norm": out.norms[(layer, site, pool)],
+                          "within": out.within[(layer, site)]}, schema=vector_schema(vec.shape[1]))
+        rel = unit.vectors_rel(layer, site, pool)
+        store.write_table(rel, table)
+        files.append(rel)
+    marker = {"key": unit.key, "rows": unit.n_rows, "files": files, "features": files[0], "vectors": files[1:],
+              "unit": unit.describe(),
+              "seconds": round(time.perf_counter() - t0, 3), "forward_s": round(out.timings["forward_s"], 3),
+              "host": platform.node(), "version": __version__}
+    store.write_json(unit.marker_rel, marker)
+    return marker
+
+
+def group_by_model(units: Iterable[WorkUnit]) -> dict[tuple[str, str], list[WorkUnit]]:
+    groups: dict[tuple[str, str], list[WorkUnit]] = {}
+    for u in units:
+        groups.setdefault((u.mr.model, u.mr.revision), []).append(u)
+    return groups
+
+
+def balance(units: list[WorkUnit], n_workers: int) -> list[list[WorkUnit]]:
+    """Split units into per-worker queues: each model@revision is cut into contiguous chunks
+    (one model load per chunk) in proportion to its rows, so that more workers than models
+    are all used, and chunks go longest-first to the least-loaded worker."""
+    groups = list(group_by_model(units).values())
+    total = sum(u.n_rows for u in units) or 1
+    chunks: list[list[WorkUnit]] = []
+    for group in groups:
+        rows = sum(u.n_rows for u in group)
+        k = min(len(group), max(1, round(n_workers * rows / total)))
+        size = -(-len(group) // k)
+        chunks.extend(group[i:i + size] for i in range(0, len(group), size))
+    queues: list[list[WorkUnit]] = [[] for _ in range(max(1, n_workers))]
+    load = [0] * len(queues)
+    for chunk in sorted(chunks, key=lambda c: -sum(u.n_rows for u in c)):
+        w = load.index(min(load))
+        queues[w].extend(chunk)
+        load[w] += sum(u.n_rows for u in chunk)
+    return [q for q in queues if q]
+
+
+@dataclass
+class ScanStats:
+    planned: int = 0
+    skipped: int = 0
+    ran: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+    markers: list[dict] = field(default_factory=list)
+
+
+def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: bool = True,
+            log: Callable[[str], None] = print) -> ScanStats:
+    """Run every pending unit in this process, loading each model@revision once."""
+    from tqdm.auto import tqdm
+
+    stats = ScanStats(planned=len(units))
+    pending = [u for u in units if not is_done(store, u)]
+    stats.skipped = len(units) - len(pending)
+    if not pending:
+        log(f"all {len(units)} work units already done")
+        return stats
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(u.n_rows for u in pending), unit="seg", desc="extract", disable=not progress)
+    for (model, rev), group in group_by_model(pending).items():
+        bar.set_postfix_str(f"{model}@{rev}")
+        extractor = load_extractor(group[0].mr, config.extraction, group[0].dtype)
+        for unit in group:
+            stats.markers.append(run_unit(unit, extractor, store, progress=bar.update))
+            stats.ran += 1
+            stats.segments += unit.n_rows
+        del extractor
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def write_manifest(config: ScanConfig, store: Store, units: list[WorkUnit], stats: ScanStats) -> str:
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + hashlib.blake2b(
+        json.dumps(config.model_dump(), sort_keys=True).encode(), digest_size=3).hexdigest()
+    store.write_json(layout.manifest_path(run_id), {
+        "config": config.model_dump(), "version": __version__, "python": platform.python_version(),
+        "units": [{"unit": u.describe(), "key": u.key, "features": u.features_rel} for u in units],
+        "stats": {k: v for k, v in asdict(stats).items() if k != "markers"},
+        "timings": [{"unit": m["unit"], "seconds": m["seconds"], "forward_s": m["forward_s"]} for m in stats.markers],
+    })
+    return run_id
+

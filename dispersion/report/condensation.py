@@ -1,0 +1,81 @@
+"""The embedding-condensation heatmap (papers 002 Fig. 2a / 003 Fig. 1) of
+:class:`dispersion.measure.condensation.CondensationMap` objects."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from dispersion.core.errors import DataError
+from dispersion.measure.condensation import (
+    FIELD,
+    CondensationMap,
+    as_maps,
+    depth_correlation,
+)
+
+__all__ = ["plot_condensation"]
+
+
+def plot_condensation(maps: CondensationMap | Sequence[CondensationMap] | pa.Table,
+                      path: str | os.PathLike | None = None, *, cols: int = 4, log_scale: bool = False,
+                      title: str = "Embedding condensation: token cosine similarity per layer") -> bytes:
+    """Heatmaps like papers 002 Fig. 2a / 003 Fig. 1: one panel per model@revision/label, side
+    by side (``cols`` per row), layers on y (depth upwards), similarity bins on x, colour =
+    density on one shared scale (``log_scale``: logarithmic); the panel title gives Spearman's
+    rho and Kendall's tau of the layer mean with depth and the mean marked per layer. Maps
+    from a table are grouped by model (first appearance), then revision by step. Returns the
+    PNG bytes (also written to ``path`` if given)."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    from dispersion.report.figures import Figure, step_key
+
+    ms = as_maps(maps)
+    if not ms:
+        raise DataError(f"{FIELD}: nothing to plot (no condensation maps)")
+    if isinstance(maps, pa.Table):
+        first = {m.model: i for i, m in reversed(list(enumerate(ms)))}
+        ms = sorted(ms, key=lambda m: (first[m.model], step_key(m.revision)))
+    dens = [m.density for m in ms]
+    vmax = max(float(d.max()) for d in dens) or 1.0
+    norm: Normalize
+    if log_scale:
+        pos = [float(d[d > 0].min()) for d in dens if (d > 0).any()]
+        norm = LogNorm(vmin=min(pos) if pos else 1e-3, vmax=vmax)
+    else:
+        norm = Normalize(vmin=0.0, vmax=vmax)
+    ncols = max(1, min(cols, len(ms)))
+    nrows = -(-len(ms) // ncols)
+    fig = Figure(nrows, ncols, width=3.6, height=max(2.6, 0.22 * max(len(m.layers) for m in ms) + 1.4))
+    for i, (m, d) in enumerate(zip(ms, dens)):
+        ax = fig.ax(i // ncols, i % ncols)
+        shown = np.where(d > 0, d, np.nan) if log_scale else d
+        im = ax.imshow(shown, origin="lower", aspect="auto", interpolation="nearest", cmap="magma", norm=norm,
+                       extent=(float(m.edges[0]), float(m.edges[-1]), -0.5, len(m.layers) - 0.5))
+        ax.plot(m.mean, np.arange(len(m.layers)), color="cyan", lw=0.8, marker="o", ms=2, label="mean")
+        ax.set_yticks(np.arange(len(m.layers)))
+        ax.set_yticklabels(m.layers)
+        try:
+            c = depth_correlation(m)
+            stats_line = f"ρ={c['spearman_r']:+.2f}  τ={c['kendall_tau']:+.2f}"
+        except DataError:
+            stats_line = "ρ, τ: < 3 layers"
+        Figure.style(ax, f"{m.title()}\n{stats_line}", "cosine similarity", "layer", legend=False)
+        ax.tick_params(axis="y", labelsize=6)
+        cb = fig.fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
+        cb.ax.tick_params(labelsize=6)
+        if i % ncols == ncols - 1 or i == len(ms) - 1:
+            cb.set_label("density", fontsize=7)
+    for j in range(len(ms), nrows * ncols):
+        fig.ax(j // ncols, j % ncols).axis("off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tight_layout vs colorbars
+        png = fig.png(title)
+    if path is not None:
+        Path(path).write_bytes(png)
+    return png

@@ -1,0 +1,104 @@
+"""The main job as plain functions: scan (extract) then aggregate and report.
+
+Prefect flows (``flows/``) call the same pieces, replacing :func:`dispersion.measure.scan.execute`
+by Ray actors.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dispersion.analyses import STEPS, StepContext
+from dispersion.analyses.bins import analyze
+from dispersion.analyses.registry import run_steps
+from dispersion.config import RunConfig
+from dispersion.core.catalog import build_catalog
+from dispersion.core.config import ScanConfig
+from dispersion.core.errors import ConfigError
+from dispersion.core.ids import step_of
+from dispersion.core.layout import result_path
+from dispersion.core.storage import Store
+from dispersion.measure.scan import ScanStats, WorkUnit, execute, plan, write_manifest
+from dispersion.report.markdown import publish_report
+from dispersion.training.zoo import build_zoo
+
+
+@dataclass
+class ScanResult:
+    stats: ScanStats
+    tables: dict[str, pa.Table]
+    report: dict[str, str]
+    catalog: str
+    run_id: str
+
+
+def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
+              log: Callable[[str], None] = print,
+              only: list[str] | None = None) -> tuple[dict[str, pa.Table], dict[str, str], str]:
+    """Bins + correlations (published as results), the enabled analysis steps, the report,
+    and the catalog."""
+    a = config.analysis
+    vendi = a.enabled("vendi") if only is None else "vendi" in only
+    tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi)
+    for name, table in tables.items():
+        store.write_table(result_path(name, config.name), table)
+    sections = run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log), only=only)
+    layer = str(a.layer)
+    report = publish_report(store, config.name, tables["bins"], tables["correlations"],
+                            layer=layer, site=a.site, pool=a.pool, sections=sections)
+    catalog = build_catalog(store)
+    return tables, report, catalog
+
+
+def ensure_zoo(config: ScanConfig, progress: bool = True) -> None:
+    """Build the embedded zoo models the config names, if they are missing."""
+    names = sorted({m.zoo for m in config.models if m.zoo is not None})
+    if names:
+        build_zoo(config.zoo, names=names, progress=progress)
+
+
+
+def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> ScanResult:
+    """Build missing zoo models, extract every pending unit in process, aggregate, report."""
+    store = Store(root or config.root)
+    ensure_zoo(config, progress=progress)
+    units = plan(config, store, log=log)
+    stats = execute(units, config, store, progress=progress, log=log)
+    tables, report, catalog = aggregate(config, store, units, log=log)
+    run_id = write_manifest(config, store, units, stats)
+    return ScanResult(stats, tables, report, catalog, run_id)
+
+
+def sweep_config(config: RunConfig, model: str, revisions: list[str] | None = None,
+                 checkpoint_glob: str | None = None) -> RunConfig:
+    """The config restricted to ``model`` at the given revisions or globbed checkpoint folders."""
+    specs = [m for m in config.models if m.name == model]
+    if not specs:
+        raise ConfigError(f"model: {model!r} is not in the config (models: {[m.name for m in config.models]})")
+    spec = specs[0]
+    if (revisions is None) == (checkpoint_glob is None):
+        raise ConfigError("give exactly one of revisions or checkpoint_glob")
+    update: dict = {}
+    if checkpoint_glob is not None:
+        folders = sorted(p for p in glob.glob(os.path.expanduser(checkpoint_glob)) if os.path.isdir(p))
+        if not folders:
+            raise ConfigError(f"checkpoint_glob: {checkpoint_glob!r} matches no folder")
+        parents = {os.path.dirname(os.path.abspath(p)) for p in folders}
+        if len(parents) != 1:
+            raise ConfigError(f"checkpoint_glob: folders must share one parent, got {sorted(parents)}")
+        names = sorted((os.path.basename(p) for p in folders), key=lambda n: (step_of(n) is None, step_of(n) or 0, n))
+        update = {"zoo": None, "id": parents.pop(), "gguf": None, "packaged": None, "revisions": names}
+    else:
+        if not revisions:
+            raise ConfigError("revisions: must not be empty")
+        if spec.source_kind in ("gguf", "packaged"):
+            raise ConfigError(f"revisions: {model!r} is a {spec.source_kind} model, whose one revision is 'main'")
+        update = {"revisions": list(revisions)}
+    narrowed = spec.model_copy(update=update)
+    return config.model_copy(update={"models": [narrowed], "name": f"{config.name}-sweep-{model}"})

@@ -1,0 +1,132 @@
+"""The package's structure as docs/ARCHITECTURE.md states it: rooms, import directions, no
+private names across modules, no import circle, every module importable on its own."""
+
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "dispersion"
+
+# room -> rooms it may import (besides itself); "top" is dispersion/{config,run,cli}.py
+ALLOWED = {
+    "core": set(),
+    "measure": {"core"},
+    "report": {"core", "measure"},
+    "training": {"core", "measure", "report"},
+    "analyses": {"core", "measure", "report", "training"},
+    "top": {"core", "measure", "report", "training", "analyses"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for info in pkgutil.walk_packages([str(PKG)], prefix="dispersion."):
+        rel = info.name.split(".")[1:]
+        path = PKG.joinpath(*rel)
+        out[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
+    out["dispersion"] = PKG / "__init__.py"
+    return out
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED and parts[1] != "top") \
+        else "top"
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, names, line) for every dispersion import, lazy ones included."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the package
+                base = module.split(".")[: -node.level] if not path.name == "__init__.py" else \
+                    module.split(".")[: len(module.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("dispersion"):
+                out.append((mod, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.startswith("dispersion")]
+    return out
+
+
+MODULES = _modules()
+
+
+def test_rooms_import_downwards_only():
+    bad = []
+    for mod, path in MODULES.items():
+        src = _room(mod)
+        for target, names, line in _imports(path, mod):
+            targets = [target] + [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            for t in targets:
+                dst = _room(t)
+                if t == "dispersion" or dst == src or dst in ALLOWED[src]:
+                    continue
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {src} imports {t} ({dst})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for mod, path in MODULES.items():
+        for target, names, line in _imports(path, mod):
+            if target != mod:
+                bad += [f"{path.relative_to(ROOT)}:{line}: {target}.{n}" for n in names
+                        if n.startswith("_") and n != "__version__"]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    graph: dict[str, set[str]] = {}
+    for mod, path in MODULES.items():
+        deps = set()
+        for target, names, _ in _imports(path, mod):
+            deps |= {f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES} or {target}
+        graph[mod] = {d for d in deps if d in MODULES and d != mod and not mod.startswith(d + ".")
+                      and d != "dispersion"}
+    # a package's __init__ may import its own modules (the registry list): fold it away
+    for mod in graph:
+        graph[mod] = {d for d in graph[mod] if not (d == mod.rsplit(".", 1)[0])}
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:
+        seen[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if seen.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in seen:
+                visit(d)
+        stack.pop()
+        seen[m] = 2
+
+    for m in sorted(graph):
+        if m not in seen:
+            visit(m)
+    assert not cycles, "\n".join(cycles)
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_in_a_fresh_process():
+    """Each library module can be the first one a program imports."""
+    code = "import importlib, sys\nimportlib.import_module(sys.argv[1])"
+    failed = []
+    for name in sorted(MODULES):  # one process per module: nothing loaded before it
+        r = subprocess.run([sys.executable, "-c", code, name], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode:
+            failed.append(f"{name}: {r.stderr.strip().splitlines()[-1]}")
+    assert not failed, failed
