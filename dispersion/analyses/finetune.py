@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.core.errors import ConfigError
+from dispersion.core.ids import digest
 from dispersion.report.figures import png_of
 from dispersion.report.markdown import md_table
 from dispersion.training.finetune import FinetuneSpec
@@ -18,7 +19,6 @@ def run(ctx: StepContext) -> Section:
     """Each ``analysis.finetune`` entry (default: LoRA and full fine-tuning of the first zoo
     model on prose) is trained into ``{zoo.cache}/finetuned/{run}/{i}-{model}-{base key}/{method}``
     (local; resumable, skipped when done) and measured before and after on its domain and the control."""
-    import hashlib
     import shutil
     from pathlib import Path
 
@@ -42,8 +42,10 @@ def run(ctx: StepContext) -> Section:
     L = min(cfg.sampling.segment_length, 128)
     for i, spec in enumerate(specs):
         name = spec.zoo or Path(spec.id).name
-        # keyed by the base weights: a rebuilt zoo fine-tunes afresh (older folders are removed)
-        base_key = hashlib.blake2b(source_fingerprint(base_source(spec, cfg.zoo)).encode(), digest_size=6).hexdigest()
+        # keyed by the base weights and the spec: a rebuilt zoo or a changed spec fine-tunes afresh
+        # (older folders are removed)
+        base_key = digest({"base": source_fingerprint(base_source(spec, cfg.zoo)),
+                           "spec": spec.model_dump(mode="json")})
         out = Path(cfg.zoo.cache) / "finetuned" / cfg.name / f"{i}-{name}-{base_key}"
         for old in [out.parent / f"{i}-{name}", *out.parent.glob(f"{i}-{name}-*")]:
             if old != out and old.is_dir() and len(old.name) - len(f"{i}-{name}") in (0, 13):

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dispersion.analyses.registry import Section, Step, StepContext
-from dispersion.report.figures import Figure, revision_colors, rows_of, step_key
+from dispersion.core.ids import revision_order
+from dispersion.report.figures import Figure, revision_colors, rows_of
 from dispersion.report.markdown import md_table
 
 LAYER_SCHEMA = pa.schema([
@@ -55,7 +56,7 @@ def compared_revisions(revisions: list[str], chosen: list[str] | None = None) ->
     """The initial and the trained checkpoint: ``chosen`` when given, else first and last by step."""
     if chosen:
         return [r for r in chosen if r in revisions]
-    revs = sorted(set(revisions), key=step_key)
+    revs = sorted(set(revisions), key=revision_order)
     return [revs[0], revs[-1]] if len(revs) > 1 else revs
 
 

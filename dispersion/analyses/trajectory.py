@@ -17,10 +17,10 @@ import pyarrow as pa
 
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.analyses.scores import scores_table
-from dispersion.core.ids import step_of
+from dispersion.core.ids import revision_order, step_of
 from dispersion.core.storage import Store
 from dispersion.measure.metrics import cosine_dispersion
-from dispersion.report.figures import Figure, step_key
+from dispersion.report.figures import Figure
 from dispersion.report.markdown import md_table
 
 TRAJECTORY_SCHEMA = pa.schema([
@@ -109,7 +109,7 @@ def plot_trajectory(rows: list[dict], scores: pa.Table) -> bytes:
         for j, ds in enumerate(datasets):
             ax = fig.ax(i, j)
             sub = sorted((r for r in rows if r["model"] == model and r["dataset"] == ds),
-                         key=lambda r: step_key(r["revision"]))
+                         key=lambda r: revision_order(r["revision"]))
             x = [r["step"] if r["step"] is not None else k for k, r in enumerate(sub)]
             names = ["dispersion", "within"] + sorted({k for r in sub for k in r if k.startswith("gap_")})
             for name in names:

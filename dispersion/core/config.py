@@ -127,6 +127,7 @@ class ModelSpec(Strict):
     revisions: list[str] | Literal["all"] | RevisionRange = ["main"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    num_segments: Annotated[int, Field(gt=0)] | None = None  # per dataset; default sampling.num_segments
 
     @field_validator("gguf", mode="before")
     @classmethod

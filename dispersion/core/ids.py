@@ -1,7 +1,11 @@
 """Identifiers: the one content digest and the one revision -> training-step parser.
 
-Every key in the store (extraction spec, work unit, sample, zoo build, training run) is a
-``digest`` of a JSON payload, so equal inputs give equal keys on every machine.
+Keys and fingerprints (extraction spec, work unit, weights, zoo build, training run,
+fine-tune folder, sweep arm) are a ``digest`` of a JSON payload, so equal inputs give equal
+keys on every machine. Three identities that stored data is keyed by keep the hash they were
+defined with, so existing roots stay valid: ``segment_id`` and the sample key
+(:mod:`dispersion.measure.sampling`) and the embedded corpus's split of documents
+(:mod:`dispersion.measure.corpus`). Files (GGUF weights) are hashed by their bytes.
 """
 
 from __future__ import annotations

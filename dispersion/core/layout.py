@@ -13,6 +13,7 @@
     {root}/results/{table}/{run}.parquet                                      (analysis tables)
     {root}/results/report/{run}.md, {run}.png, {run}/{figure}.png             (reports, figures)
     {root}/checkpoints/{run}/arm={key}/step{N}/...                            (training checkpoints)
+    {root}/train_runs/{sweep}/arm={key}.parquet                               (a finished sweep arm)
     {root}/runs/{run_id}/manifest.json                                        (what a scan did)
     {root}/catalog.duckdb                                                     (views, see VIEWS)
 
@@ -103,6 +104,11 @@ def figure_path(run: str, name: str) -> str:
 
 def checkpoint_prefix(run: str, arm: str) -> str:
     return f"checkpoints/{run}/{partition(arm=arm)}"
+
+
+def train_arm_path(sweep: str, arm: str) -> str:
+    """One finished arm of a training sweep (its per-step perplexities); its presence marks the arm done."""
+    return f"train_runs/{sweep}/{partition(arm=arm)}.parquet"
 
 
 # -- catalog views ----------------------------------------------------------------------------

@@ -25,8 +25,8 @@ state, pairwise histograms), never all layers x tokens. With ``stop_early`` the 
 after the deepest requested block when no ``final`` target is asked for.
 
 A new site is one entry of :data:`SITES` (the module to find in a decoder block and whether
-its input or its output is the state), and its name in the config's
-:data:`dispersion.core.config.Site`.
+its input or its output is the state); the config's ``extraction.sites`` and
+``analysis.site`` accept the registered names.
 """
 
 from __future__ import annotations

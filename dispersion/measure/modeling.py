@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispersion.core.errors import ModelError
+from dispersion.core.ids import digest
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -68,17 +69,11 @@ def source_fingerprint(source: ModelSource) -> str:
     the revision resolves to (a moving ``main`` gives a new key); when the hub cannot be
     asked (offline), the revision name.
     """
-    import hashlib
-
     if source.local:
         root = Path(source.location)
-        h = hashlib.blake2b(digest_size=10)
-        h.update((root / "config.json").read_bytes())
-        for f in sorted(root.iterdir()):
-            if f.suffix in (".safetensors", ".bin") and f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest()
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.iterdir())
+                 if f.suffix in (".safetensors", ".bin") and f.is_file()]
+        return digest({"config": (root / "config.json").read_text(), "weights": files}, chars=20)
     try:
         from huggingface_hub import HfApi
 

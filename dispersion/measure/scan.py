@@ -13,8 +13,6 @@ checkpoints computes only the new ones.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +25,7 @@ from dispersion import __version__
 from dispersion.core import layout
 from dispersion.core.config import ExtractionSpec, ScanConfig
 from dispersion.core.errors import ConfigError, DataError, ModelError
+from dispersion.core.ids import digest
 from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
 from dispersion.measure.corpus import dataset_key, document_source
 from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
@@ -44,6 +43,7 @@ class ModelRevision:
     dtype: str  # configured dtype ("auto" resolved at load time)
     field: str  # config path, for error messages
     fingerprint: str  # identifies the weights (see dispersion.measure.modeling.source_fingerprint)
+    num_segments: int | None = None  # this model's segments per dataset (None: sampling.num_segments)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class WorkUnit:
         payload = [self.mr.model, self.mr.revision, self.mr.source.location, self.mr.source.revision,
                    self.mr.fingerprint, self.segments.dataset, self.segments.sample, self.shard, self.n_rows,
                    self.spec_key]
-        return hashlib.blake2b(json.dumps(payload).encode(), digest_size=10).hexdigest()
+        return digest(payload, chars=20)
 
     def describe(self) -> str:
         return f"{self.mr.model}@{self.mr.revision} {self.segments.dataset} shard {self.shard}"
@@ -124,7 +124,7 @@ def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None
 
             conv = spec_gguf(spec, config.model_cache, field=fld, log=log)
             src = resolve_source(str(conv.folder), None, field=f"{fld}.{spec.source_kind}")
-            out.append(ModelRevision(spec.name, "main", src, spec.dtype, fld, conv.fingerprint))
+            out.append(ModelRevision(spec.name, "main", src, spec.dtype, fld, conv.fingerprint, spec.num_segments))
             continue
         if spec.zoo is not None:
             root = zoo_model_dir(config.zoo.cache, spec.zoo)
@@ -140,7 +140,8 @@ def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None
         for rev in revisions:
             src = resolve_source(model_id, rev, field=f"{fld}.{'zoo' if spec.zoo else 'id'}",
                                  trust_remote_code=spec.trust_remote_code)
-            out.append(ModelRevision(spec.name, rev, src, spec.dtype, fld, source_fingerprint(src)))
+            out.append(ModelRevision(spec.name, rev, src, spec.dtype, fld, source_fingerprint(src),
+                                     spec.num_segments))
     return out
 
 
@@ -169,12 +170,15 @@ def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
 
 
 def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
-                     log: Callable[[str], None] = print) -> dict[str, SegmentSet]:
-    """Sample (or reuse) the segments of every dataset for one tokenizer.
+                     log: Callable[[str], None] = print, num_segments: int | None = None) -> dict[str, SegmentSet]:
+    """Sample (or reuse) the segments of every dataset for one tokenizer: ``num_segments``
+    per dataset (default ``sampling.num_segments``).
 
     Every missing sample is drawn before any is written, so a bad dataset (missing text
     field, too few segments) publishes nothing."""
     s = config.sampling
+    if num_segments is not None:
+        s = s.model_copy(update={"num_segments": num_segments})
     out: dict[str, SegmentSet] = {}
     todo: list[tuple[SegmentSet, pa.Table, dict]] = []
     for i, ds in enumerate(config.datasets):
@@ -217,7 +221,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print) -
             raise ConfigError(f"extraction.context_lengths: {c} is outside 1..segment_length "
                               f"({config.sampling.segment_length}; 2.. without prepend_bos)")
     units: list[WorkUnit] = []
-    seg_cache: dict[str, dict[str, SegmentSet]] = {}
+    seg_cache: dict[tuple[str, int], dict[str, SegmentSet]] = {}
     tok_cache: dict[tuple, tuple] = {}
     mrs = model_revisions(config, log=log)
     for mr in mrs:
@@ -228,11 +232,12 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print) -
             tok = load_tokenizer(mr.source, field=mr.field)
             tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
         tok, fp = tok_cache[tkey]
-        if fp not in seg_cache:
-            seg_cache[fp] = prepare_segments(config, store, tok, fp, log)
+        n = mr.num_segments or config.sampling.num_segments
+        if (fp, n) not in seg_cache:
+            seg_cache[(fp, n)] = prepare_segments(config, store, tok, fp, log, num_segments=n)
         dtype = resolve_dtype(mr.dtype, device)
         spec_key = config.extraction.key(dtype)
-        for seg in seg_cache[fp].values():
+        for seg in seg_cache[(fp, n)].values():
             units.extend(WorkUnit(mr, seg, k, spec_key, dtype) for k in range(len(seg.shard_rows)))
     return units
 
@@ -348,8 +353,7 @@ def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: b
 
 
 def write_manifest(config: ScanConfig, store: Store, units: list[WorkUnit], stats: ScanStats) -> str:
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + hashlib.blake2b(
-        json.dumps(config.model_dump(), sort_keys=True).encode(), digest_size=3).hexdigest()
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + digest(config.model_dump(mode="json"), chars=6)
     store.write_json(layout.manifest_path(run_id), {
         "config": config.model_dump(), "version": __version__, "python": platform.python_version(),
         "units": [{"unit": u.describe(), "key": u.key, "features": u.features_rel} for u in units],

@@ -33,14 +33,15 @@ def plot_condensation(maps: CondensationMap | Sequence[CondensationMap] | pa.Tab
     PNG bytes (also written to ``path`` if given)."""
     from matplotlib.colors import LogNorm, Normalize
 
-    from dispersion.report.figures import Figure, step_key
+    from dispersion.core.ids import revision_order
+    from dispersion.report.figures import Figure
 
     ms = as_maps(maps)
     if not ms:
         raise DataError(f"{FIELD}: nothing to plot (no condensation maps)")
     if isinstance(maps, pa.Table):
         first = {m.model: i for i, m in reversed(list(enumerate(ms)))}
-        ms = sorted(ms, key=lambda m: (first[m.model], step_key(m.revision)))
+        ms = sorted(ms, key=lambda m: (first[m.model], revision_order(m.revision)))
     dens = [m.density for m in ms]
     vmax = max(float(d.max()) for d in dens) or 1.0
     norm: Normalize

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 
 import pyarrow as pa
 
-
-def step_key(revision: str) -> tuple[float, str]:
-    """Order revisions by the first number in their name (``step30`` < ``step300``), then name."""
-    m = re.search(r"(\d+)", revision)
-    return (float(m.group(1)) if m else float("inf"), revision)
+from dispersion.core.ids import revision_order
 
 
 def rows_of(table: pa.Table, **eq) -> list[dict]:
@@ -27,7 +22,7 @@ def rows_of(table: pa.Table, **eq) -> list[dict]:
 def revision_colors(revisions: Iterable[str], cmap: str = "viridis") -> dict[str, tuple]:
     import matplotlib
 
-    revs = sorted(set(revisions), key=step_key)
+    revs = sorted(set(revisions), key=revision_order)
     colormap = matplotlib.colormaps[cmap]
     return {r: colormap(i / max(len(revs) - 1, 1)) for i, r in enumerate(revs)}
 

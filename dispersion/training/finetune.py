@@ -69,7 +69,6 @@ EMBEDDED_DOMAINS = ("prose", "code")
 FINAL = "final"
 ADAPTER = "adapter"
 SUCCESS = "_SUCCESS"
-RESULT_DIR = "results/finetune"  # where a run writes before/after tables: {RESULT_DIR}/{model}-{method}.parquet
 
 _COMMON_PAPER = dict(seq_len=2048, warmup_ratio=0.1, min_lr_ratio=0.0, weight_decay=0.0, betas=(0.9, 0.999),
                      eps=1e-8, grad_clip=1.0, seed=42, steps=None, eval_every=None, eval_batches=4)
@@ -512,10 +511,10 @@ def dispersion_before_after(spec: FinetuneSpec | dict, finetuned: str | os.PathL
 
 def result_rel(model: str, method: str) -> str:
     """Where a run stores a before/after table in the artifact store."""
-    from dispersion.core.layout import partition
+    from dispersion.core.layout import partition, result_path
 
     partition(model=model, method=method)  # validates both as path components
-    return f"{RESULT_DIR}/{model}-{method}.parquet"
+    return result_path("finetune", f"{model}-{method}")
 
 
 def plot_finetune(table: pa.Table, path: str | os.PathLike) -> str:

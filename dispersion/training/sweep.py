@@ -36,6 +36,7 @@ from pydantic import Field, ValidationError, model_validator
 from dispersion.core.config import RaySpec, Strict, ZooSpec, read_yaml, validate
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.ids import digest
+from dispersion.core.layout import checkpoint_prefix, figure_path, report_path, result_path, train_arm_path
 from dispersion.core.storage import Store
 from dispersion.training.checkpoints import Mirror
 from dispersion.training.losses import LOSSES, LossName, LossOptions, LossSpec
@@ -141,7 +142,7 @@ def arms(cfg: SweepConfig) -> list[Arm]:
 
 
 def arm_rel(cfg: SweepConfig, arm: Arm) -> str:
-    return f"train_runs/{cfg.name}/arm={arm.key(cfg)}.parquet"
+    return train_arm_path(cfg.name, arm.key(cfg))
 
 
 ARM_SCHEMA = pa.schema([
@@ -199,7 +200,7 @@ def run_arm(cfg: SweepConfig, arm: Arm, store: Store, log: Callable[[str], None]
     spec = cfg.train.model_copy(update={"lr": arm.lr, "seed": arm.seed, "aux_lambda": arm.lam})
     aux = make_aux_loss(arm_loss(cfg, arm.loss, arm.lam))
     out = Path(cfg.workdir) / cfg.name / arm.key(cfg)
-    mirror = Mirror(store, f"checkpoints/{cfg.name}/arm={arm.key(cfg)}")
+    mirror = Mirror(store, checkpoint_prefix(cfg.name, arm.key(cfg)))
     result = train(model, tokens, spec, out_dir=out, eval_tokens=evals, aux_loss=aux, tokenizer=str(tok_dir),
                    run_key={"arm": arm.key(cfg)}, mirror=mirror)
     train_loss = {r["step"]: r["loss"] for r in result.history if r["kind"] == "train"}
@@ -302,7 +303,7 @@ def _local_checkpoint(cfg: SweepConfig, store: Store, row: dict) -> str:
     for folder in (trained, here):
         if (folder / "config.json").is_file():
             return str(folder)
-    mirror = Mirror(store, f"checkpoints/{cfg.name}/arm={row['arm']}")
+    mirror = Mirror(store, checkpoint_prefix(cfg.name, row['arm']))
     return str(mirror.pull(int(trained.name[4:]), here.parent))
 
 
@@ -329,8 +330,8 @@ def condensation_maps(cfg: SweepConfig, runs: pa.Table, store: Store) -> bytes |
     spec = cd.CondensationSpec(num_sequences=n)
     models = [(cfg.model, ckpt, None, label) for label, ckpt in picked.items()]
     maps = cd.condensation_maps(models, seqs, spec, device=cfg.train.device)
-    store.write_table(f"results/condensation/{cfg.name}.parquet", pa.concat_tables([m.to_table() for m in maps]))
-    store.write_table(f"results/condensation_depth/{cfg.name}.parquet", cd.depth_table(maps))
+    store.write_table(result_path("condensation", cfg.name), pa.concat_tables([m.to_table() for m in maps]))
+    store.write_table(result_path("condensation_depth", cfg.name), cd.depth_table(maps))
     return plot_condensation(maps)
 
 
@@ -341,13 +342,13 @@ def publish(cfg: SweepConfig, store: Store, done: list[Arm], log: Callable[[str]
 
     runs = read_runs(store, cfg, done)
     tables = sweep_tables(runs)
-    store.write_table(f"results/train_runs/{cfg.name}.parquet", runs)
+    store.write_table(result_path("train_runs", cfg.name), runs)
     for name, t in tables.items():
-        store.write_table(f"results/{name}/{cfg.name}.parquet", t)
-    store.write_bytes(f"results/report/{cfg.name}/sweep.png", plot_sweep(runs))
+        store.write_table(result_path(name, cfg.name), t)
+    store.write_bytes(figure_path(cfg.name, "sweep"), plot_sweep(runs))
     cmap = condensation_maps(cfg, runs, store)
     if cmap is not None:
-        store.write_bytes(f"results/report/{cfg.name}/condensation.png", cmap)
+        store.write_bytes(figure_path(cfg.name, "condensation"), cmap)
     md = [f"# Training sweep `{cfg.name}`", "",
           f"{len(done)} runs of `{cfg.model}` ({cfg.train.steps} steps of {cfg.train.batch_size} x "
           f"{cfg.train.seq_len} tokens on {', '.join(cfg.domains)}); lambda chosen on validation, reported on test.",
@@ -360,10 +361,10 @@ def publish(cfg: SweepConfig, store: Store, done: list[Arm], log: Callable[[str]
     md += ["## Every arm at the last step", "",
            md_table(tables["sweep"].filter(pc.equal(tables["sweep"]["step"], last)),
                      ["loss", "lam", "lr", "domain", "split", "ppl", "ppl_std", "diff", "diff_pct"], 200)]
-    store.write_text(f"results/report/{cfg.name}.md", "\n".join(md))
+    store.write_text(report_path(cfg.name), "\n".join(md))
     catalog = build_catalog(store)
-    log(f"train sweep report: {store.url(f'results/report/{cfg.name}.md')}")
-    return {"report": store.url(f"results/report/{cfg.name}.md"), "catalog": catalog}
+    log(f"train sweep report: {store.url(report_path(cfg.name))}")
+    return {"report": store.url(report_path(cfg.name)), "catalog": catalog}
 
 
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str, str]:
