@@ -153,7 +153,8 @@ def query(sql: Annotated[str, typer.Argument(help="SQL over the catalog views (s
                                                     "vectors, bins, correlations).")],
           config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None,
           limit: Annotated[int, typer.Option(help="Rows to print at most.")] = 50) -> None:
-    """Run SQL on the catalog, read-only, and print the result as a table."""
+    """Run one SELECT on the catalog and print the result as a table. Sandboxed: no writes,
+    no files outside the root, no SET/INSTALL/LOAD (docs/GUARANTEES.md)."""
     from rich.console import Console
     from rich.table import Table
 

@@ -15,7 +15,7 @@ from pydantic import Field, create_model, model_validator
 from dispersion.analyses import STEPS, AnalysisOptions
 from dispersion.core.config import ScanConfig, read_yaml, validate
 from dispersion.core.errors import ConfigError
-from dispersion.measure.capture import SITES
+from dispersion.measure.sites import SITES
 
 ANALYSIS_STEPS: tuple[str, ...] = tuple(STEPS)
 
@@ -36,7 +36,7 @@ class RunConfig(ScanConfig):
 
     @model_validator(mode="after")
     def _known_sites(self) -> RunConfig:
-        """Sites are the hook sites of :data:`dispersion.measure.capture.SITES`."""
+        """Sites are the hook sites of :data:`dispersion.measure.sites.SITES`."""
         named = [(f"extraction.sites.{i}", s) for i, s in enumerate(self.extraction.sites)]
         named.append(("analysis.site", self.analysis.site))
         for where, site in named:

@@ -12,12 +12,12 @@ from dispersion.measure import capture as cap
 from dispersion.measure.capture import (
     SITES,
     Capture,
-    HookSite,
     bos_or_eos,
     find_blocks,
     resolve_bos,
     targets,
 )
+from dispersion.measure.sites import HookSite
 
 VOCAB = 97
 BOS = 1

@@ -115,3 +115,54 @@ def test_train_sweep_config_has_the_issue_arms():
 def test_unknown_analysis_step_names_the_field():
     with pytest.raises(ConfigError, match=r"analysis.steps"):
         parse_config({**MINIMAL, "analysis": {"steps": ["nope"]}})
+
+
+@pytest.mark.parametrize("patch, where, kind", [
+    ({"models": [{"name": "m", "zoo": "gpt2-tiny", "num_segments": True}]}, "models.0.num_segments", "an integer"),
+    ({"sampling": {"num_segments": True}}, "sampling.num_segments", "an integer"),
+    ({"sampling": {"seed": False}}, "sampling.seed", "an integer"),
+    ({"zoo": {"checkpoints": [0, True]}}, "zoo.checkpoints.1", "an integer"),
+    ({"extraction": {"layers": [True]}}, "extraction.layers.0", "an integer"),
+    ({"extraction": {"context_lengths": [8, True]}}, "extraction.context_lengths.1", "an integer"),
+    ({"ray": {"num_cpus": True}}, "ray.num_cpus", "a number"),
+    ({"analysis": {"layer": True}}, "analysis.layer", "an integer"),
+])
+def test_a_yaml_boolean_is_not_a_number(patch, where, kind):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, **patch}, "cfg.yaml")
+    msg = str(err.value)
+    assert msg.startswith(f"cfg.yaml: {where}: must be {kind}, not a boolean"), msg
+    assert "\n" not in msg
+
+
+def test_a_yaml_boolean_in_a_loaded_file_is_named(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("models: [{name: m, zoo: gpt2-tiny, num_segments: yes}]\ndatasets: [{name: d, embedded: prose}]\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: models.0.num_segments: must be an integer, not a boolean"):
+        load_config(path)
+
+
+def test_booleans_still_fill_boolean_fields():
+    cfg = parse_config({**MINIMAL, "extraction": {"prepend_bos": False}, "sampling": {"seed": 3}})
+    assert cfg.extraction.prepend_bos is False and cfg.sampling.seed == 3
+
+
+@pytest.mark.parametrize("root", ["", "   "])
+def test_an_empty_root_is_refused(root):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, "root": root}, "cfg.yaml")
+    msg = str(err.value)
+    assert msg.startswith("cfg.yaml: root: must not be empty"), msg
+    assert "\n" not in msg
+
+
+def test_an_empty_sweep_root_and_an_empty_store_root_are_refused():
+    from dispersion.core.config import validate
+    from dispersion.core.errors import DataError
+    from dispersion.core.storage import Store
+    from dispersion.training.sweep import SweepConfig
+
+    with pytest.raises(ConfigError, match=r"^sweep.yaml: root: must not be empty"):
+        validate(SweepConfig, {"root": ""}, "sweep.yaml")
+    with pytest.raises(DataError, match=r"^root: must not be empty"):
+        Store("")

@@ -1,36 +1,28 @@
 """The paper's analyses, one module per step (see :mod:`dispersion.analyses.registry`).
 
 Adding a step: write ``dispersion/analyses/<name>.py`` ending with ``STEP = Step(...)`` and
-add the module to the list below, in the order its section should appear in the report.
+add its name to :data:`STEP_MODULES`, at the place its section should take in the report.
 """
 
 from __future__ import annotations
 
-from dispersion.analyses import (
-                                 clusters,
-                                 condensation,
-                                 context,
-                                 domains,
-                                 finetune,
-                                 gap,
-                                 heldout,
-                                 layers,
-                                 trajectory,
-                                 vendi,
-)
+from importlib import import_module
+
 from dispersion.analyses.registry import AnalysisOptions, Section, Step, StepContext, collect, run_order
 
-STEPS: dict[str, Step] = collect([
-    domains.STEP,
-    context.STEP,
-    layers.STEP,
-    finetune.STEP,
-    clusters.STEP,
-    heldout.STEP,
-    vendi.STEP,
-    gap.STEP,
-    trajectory.STEP,
-    condensation.STEP,
-])
+STEP_MODULES: tuple[str, ...] = (
+    "domains",
+    "context",
+    "layers",
+    "finetune",
+    "clusters",
+    "heldout",
+    "vendi",
+    "gap",
+    "trajectory",
+    "condensation",
+)
 
-__all__ = ["STEPS", "AnalysisOptions", "Section", "Step", "StepContext", "collect", "run_order"]
+STEPS: dict[str, Step] = collect(import_module(f"{__name__}.{name}").STEP for name in STEP_MODULES)
+
+__all__ = ["STEPS", "STEP_MODULES", "AnalysisOptions", "Section", "Step", "StepContext", "collect", "run_order"]

@@ -125,11 +125,11 @@ class ClusterSpec(Strict):
         return self.context + (self.n if self.anchor == "ngram" else 0)
 
 
-# Scaled for the embedded corpus and the zoo (context 256; window T + BOS = 33 tokens). Measured
-# with the zoo tokenizer (vocab 4096), both domains, 2 shared CPU cores:
+# Scaled for the embedded corpus and the zoo (context 256; window T + BOS = 33 tokens). With the
+# zoo tokenizer (vocab 4096), both domains:
 #   train split (2.72 M tokens, 812 docs, as in the paper: n-grams of the training set):
-#     7018 qualifying 5-grams -> K = 64 clusters, 1874 contexts (median 32 per cluster), ~0.5-1.6 s;
-#   validation split (0.46 M tokens, 185 docs): 348 qualifying -> K = 64, 1707 contexts, ~0.1 s.
+#     7018 qualifying 5-grams -> K = 64 clusters, 1874 contexts (median 32 per cluster);
+#   validation split (0.46 M tokens, 185 docs): 348 qualifying -> K = 64, 1707 contexts.
 # Prose alone is small: train 177 qualifying, validation only 2 (use min_count=10 there: 32).
 EMBEDDED_DEFAULTS = ClusterSpec(n=5, min_count=20, per_cluster=32, context=32, max_clusters=64)
 
@@ -304,7 +304,7 @@ def find_ngram_clusters(token_docs: Sequence[np.ndarray], spec: ClusterSpec) -> 
     6. per cluster, C = ``per_cluster`` eligible occurrences are sampled without replacement
        (seeded, in cluster order; all of them when fewer), members sorted by position.
 
-    Cost: O(n N) for hashing plus sorting N hashes; ~1-2 s for a few million tokens.
+    Cost: O(n N) for hashing plus sorting N hashes.
 
     Raises:
         ConfigError: an option out of range (names the field ``analysis.clusters.<name>``).
@@ -578,7 +578,7 @@ def train_losses(location: str | os.PathLike, revision: str | None) -> tuple[flo
     """``(train_loss, val_loss)`` at a zoo checkpoint, else ``(None, None)``.
 
     A zoo model is a local folder ``{cache}/{zoo name}/step{N}`` whose parent holds the zoo's
-    ``train_log.json`` (:func:`dispersion.training.zoo.zoo_train_log`); the record with ``step == N``
+    ``train_log.json`` (:func:`dispersion.measure.zoo_cache.zoo_train_log`); the record with ``step == N``
     is used (N from the folder name, or from ``revision`` when the folder is the root).
     """
     from dispersion.core.ids import step_of

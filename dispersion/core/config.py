@@ -10,24 +10,80 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from dispersion.core.errors import ConfigError
 from dispersion.core.ids import digest
 
 LayerRef = int | Literal["final", "all"]
-Site = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a hook site of dispersion.measure.capture.SITES
+Site = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a hook site of dispersion.measure.sites.SITES
 Pool = Literal["last", "mean"]
 StoredPool = Literal["last", "mean", "context"]  # context: pools c{c} per context length (Fig. 4)
 
 
+def _non_empty_root(v: str) -> str:
+    if not v.strip():
+        raise PydanticCustomError("empty_root", "must not be empty ('' would mean the working directory)")
+    return v
+
+
+Root = Annotated[str, AfterValidator(_non_empty_root)]  # an artifact root: a folder or an fsspec URL
+
+
+def _leaves(tp: Any) -> list[Any]:
+    """The alternatives of an annotation, with ``Annotated`` and unions unwrapped."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _leaves(get_args(tp)[0])
+    if origin is Union or type(tp).__name__ == "UnionType":
+        return [leaf for arg in get_args(tp) for leaf in _leaves(arg)]
+    return [tp]
+
+
+def _bool_as_number(tp: Any, value: object, where: str) -> str | None:
+    """A message when ``value`` holds a boolean where ``tp`` wants an int or a float
+    (pydantic's lax mode would read YAML ``true`` as 1); None when it is fine."""
+    leaves = _leaves(tp)
+    if isinstance(value, bool):
+        if bool in leaves or Any in leaves:
+            return None
+        if int in leaves:
+            return f"{where}: must be an integer, not a boolean (got {str(value).lower()})"
+        if float in leaves:
+            return f"{where}: must be a number, not a boolean (got {str(value).lower()})"
+        return None
+    if isinstance(value, (list, tuple)):
+        for leaf in leaves:
+            if get_origin(leaf) in (list, tuple, set, frozenset) and get_args(leaf):
+                inner = get_args(leaf)[0]
+                for i, item in enumerate(value):
+                    problem = _bool_as_number(inner, item, f"{where}.{i}")
+                    if problem:
+                        return problem
+    return None
+
+
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors, instances are frozen."""
+    """Base of every config model: unknown keys are errors, instances are frozen, and a
+    boolean is not a number (``num_segments: true`` is an error, not 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                key = field.alias or name
+                if key in data:
+                    problem = _bool_as_number(field.annotation, data[key], key)
+                    if problem:
+                        raise ValueError(problem)
+        return data
 
 
 class HFDatasetSource(Strict):
@@ -236,7 +292,7 @@ class ScanConfig(Strict):
     :class:`dispersion.config.RunConfig` adds the analyses."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "default"
-    root: str = "runs/default"
+    root: Root = "runs/default"
     models: list[ModelSpec]
     datasets: list[DatasetSpec]
     sampling: SamplingSpec = SamplingSpec()

@@ -104,6 +104,8 @@ class Store:
     storage_options: dict | None = None
 
     def __post_init__(self) -> None:
+        if not str(self.root).strip():
+            raise DataError("root: must not be empty ('' would mean the working directory)")
         options = dict(self.storage_options or {})
         if self.root.startswith(("s3://", "s3a://")):
             options.setdefault("use_listings_cache", False)  # other processes write here too

@@ -24,7 +24,7 @@ forward pass runs, so a caller keeps only what it reduces (pooled vectors, a las
 state, pairwise histograms), never all layers x tokens. With ``stop_early`` the pass ends
 after the deepest requested block when no ``final`` target is asked for.
 
-A new site is one entry of :data:`SITES` (the module to find in a decoder block and whether
+A new site is one entry of :data:`dispersion.measure.sites.SITES` (the module to find in a decoder block and whether
 its input or its output is the state); the config's ``extraction.sites`` and
 ``analysis.site`` accept the registered names.
 """
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Self, cast
+from typing import Any, Self, cast
 
 import torch
 from torch import nn
 
 from dispersion.core.errors import ModelError
+from dispersion.measure.sites import SITES
 
 Target = tuple[str, str]  # (layer name, site)
 Reducer = Callable[[Target, torch.Tensor], None]  # reduce(target, hidden [B, T, d])
@@ -48,40 +48,7 @@ Reducer = Callable[[Target, torch.Tensor], None]  # reduce(target, hidden [B, T,
 # --------------------------------------------------------------------------- #
 # sites
 # --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class HookSite:
-    """Where a site's state is read in decoder block l.
 
-    Attributes:
-        name: the site's name in ``extraction.sites``.
-        formula: the state, in the notation of the module doc.
-        modules: attribute names of the block's child module, tried in order (one per model
-            family); empty = the block itself.
-        read: ``output`` (the module's first output) or ``input`` (its first input).
-        residual: the site is the residual stream itself, so it also exists at layer ``0``
-            (input of block 1) and ``final`` (final-norm output); other sites exist at
-            layers 1..n only.
-    """
-
-    name: str
-    formula: str
-    modules: tuple[str, ...] = ()
-    read: Literal["input", "output"] = "output"
-    residual: bool = False
-
-    def module(self, block: nn.Module) -> nn.Module:
-        """The module of ``block`` whose input or output is this site's state."""
-        return find_child(block, self.modules, self.name) if self.modules else block
-
-
-SITES: dict[str, HookSite] = {s.name: s for s in (
-    HookSite("block", "h_l = h_{l-1} + a_l + m_l (block l's output, the residual stream)", residual=True),
-    HookSite("attn", "a_l = Attn_l(LN_{l,1}(h_{l-1})) (before the residual add)",
-             ("self_attn", "attn", "attention")),
-    HookSite("mlp", "m_l = MLP_l(LN_{l,2}(h_{l-1} + a_l)) (before the residual add)",
-             ("mlp", "feed_forward", "ffn")),
-)}
-"""The hookable sites, by name (see :class:`HookSite`)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -129,14 +96,6 @@ def find_blocks(base: nn.Module, n_layers: int) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise ModelError(f"cannot find the {n_layers} decoder blocks of {type(base).__name__}")
-
-
-def find_child(block: nn.Module, names: Sequence[str], what: str) -> nn.Module:
-    """The first attribute of ``block`` among ``names`` (the ``what`` sub-module)."""
-    for name in names:
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise ModelError(f"extraction.sites: {type(block).__name__} has no {what} module (looked for {list(names)})")
 
 
 def first_output(output: Any) -> Any:

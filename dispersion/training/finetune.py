@@ -26,8 +26,8 @@ an epoch is counted in tokens: ``steps = ceil(epochs x train tokens / (batch x a
 (windows are drawn at random positions, see :mod:`dispersion.training.train`).
 
 These are the ``paper`` preset (:data:`PAPER_A2`). The ``embedded`` preset
-(:data:`EMBEDDED_DEFAULTS`) scales them down so that either method runs on the embedded zoo
-in well under a minute on 2 CPU cores (fewer, shorter, higher-learning-rate steps; the LoRA /
+(:data:`EMBEDDED_DEFAULTS`) scales them down for the embedded zoo and a CPU (fewer, shorter,
+higher-learning-rate steps; the LoRA /
 full learning-rate ratio and the schedule shape of the paper are kept). ``preset: auto`` is
 ``embedded`` for zoo models and ``paper`` otherwise; every hyper-parameter given explicitly
 overrides the preset.

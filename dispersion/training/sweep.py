@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, ValidationError, model_validator
 
-from dispersion.core.config import RaySpec, Strict, ZooSpec, read_yaml, validate
+from dispersion.core.config import RaySpec, Root, Strict, ZooSpec, read_yaml, validate
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.ids import digest
 from dispersion.core.layout import checkpoint_prefix, figure_path, report_path, result_path, train_arm_path
@@ -67,7 +67,7 @@ class SweepConfig(Strict):
     cosine family, see :func:`arm_loss`) and, if it pairs domains, find at least two in ``domains``."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "train-sweep"
-    root: str = "runs/train-sweep"
+    root: Root = "runs/train-sweep"
     workdir: str = ".cache/train-sweep"       # local checkpoints of every arm
     model: str = "gpt2-tiny"                   # zoo recipe trained from scratch
     init_revision: str | None = None           # or continue from this zoo checkpoint

@@ -118,8 +118,8 @@ ZOO_MODELS: dict[str, ZooRecipe] = {
     "llama-small": ZooRecipe(arch="llama", n_layer=4, d_model=128, n_head=4, d_ff=344, lr=3e-3),
     "gpt2-small": ZooRecipe(arch="gpt2", n_layer=4, d_model=128, n_head=4, lr=3e-3),
 }
-# What ``build_zoo(spec)`` builds when no names are given: the whole default zoo stays near two
-# minutes on 2 CPU cores. ``gpt2-small`` (another ~60 s) is built on request, by name.
+# What ``build_zoo(spec)`` builds when no names are given (the models the default configs scan);
+# ``gpt2-small`` is built on request, by name.
 DEFAULT_ZOO: tuple[str, ...] = ("gpt2-tiny", "llama-small")
 
 # ----------------------------------------------------------------------------- helpers
