@@ -714,7 +714,6 @@ def plot_clusters(table: pa.Table, path: str | os.PathLike, *, layer: str | None
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    from dispersion.analyses.clusters import find_ngram_clusters, plot_clusters, run_clusters, token_docs_from_texts
     from dispersion.measure.corpus import documents
     from dispersion.measure.modeling import load_tokenizer, resolve_device, resolve_dtype
     from dispersion.measure.sampling import tokenizer_fingerprint

@@ -100,8 +100,6 @@ def plot_context(bins: pa.Table, *, alignment: str = "segment") -> bytes:
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    from dispersion.analyses.context import context_analysis, plot_context
-
     cfg = ctx.config
     if "context" not in cfg.extraction.pools or not cfg.extraction.context_lengths:
         raise ConfigError("analysis.steps: 'context' needs extraction.pools to include 'context' "

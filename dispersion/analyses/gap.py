@@ -624,7 +624,6 @@ def plot_gap(table: pa.Table, path: str | os.PathLike, *, domains: Sequence[str]
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    from dispersion.analyses.gap import GAP_SCHEMA, gap_of_source, plot_gap, rank_models, spearman_vs_scores
     from dispersion.core.errors import DataError
     from dispersion.measure.scan import model_revisions
 

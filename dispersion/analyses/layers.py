@@ -102,8 +102,6 @@ def plot_layers(bins: pa.Table, layers: pa.Table, *, scope: str = "across", pool
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    from dispersion.analyses.layers import layer_table, plot_layers
-
     bins, corr, _, site, pool = ctx.main()
     table = layer_table(bins, corr, site=site)
     revs = ctx.config.analysis.compare_revisions

@@ -127,8 +127,6 @@ def plot_trajectory(rows: list[dict], scores: pa.Table) -> bytes:
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    from dispersion.analyses.trajectory import measures, plot_trajectory, spearman_over_trajectory
-
     _, _, layer, site, pool = ctx.main()
     traj = trajectory(ctx.store, ctx.units, layer=layer, site=site, pool=pool)
     scores = scores_table(ctx.config)

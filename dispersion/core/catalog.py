@@ -31,7 +31,7 @@ import tempfile
 import duckdb
 
 from dispersion.core.errors import DataError
-from dispersion.core.layout import CATALOG, VIEWS, result_glob, result_table_of
+from dispersion.core.layout import CATALOG, RESULTS_FOLDERS, VIEWS, result_glob, result_table_of
 from dispersion.core.storage import Store
 
 # Extensions are never fetched or loaded behind the user's back (``INSTALL``/``LOAD`` are
@@ -77,7 +77,7 @@ def build_catalog(store: Store, extra_views: dict[str, str] | None = None) -> st
     try:
         con = connect(store, tmp)
         views = dict(VIEWS)
-        for folder in store.glob("results/*"):
+        for folder in store.glob(RESULTS_FOLDERS):
             name = result_table_of(folder)
             if name is not None and name not in views:
                 views[name] = (result_glob(name), False)

@@ -90,6 +90,9 @@ def result_path(table: str, run: str) -> str:
     return f"results/{table}/{run}.parquet"
 
 
+RESULTS_FOLDERS = "results/*"  # one folder per result table (and the report folder)
+
+
 def result_glob(table: str) -> str:
     return f"results/{table}/*.parquet"
 

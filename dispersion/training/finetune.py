@@ -509,13 +509,6 @@ def dispersion_before_after(spec: FinetuneSpec | dict, finetuned: str | os.PathL
     return pa.Table.from_pylist(rows, schema=FINETUNE_SCHEMA)
 
 
-def result_rel(model: str, method: str) -> str:
-    """Where a run stores a before/after table in the artifact store."""
-    from dispersion.core.layout import partition, result_path
-
-    partition(model=model, method=method)  # validates both as path components
-    return result_path("finetune", f"{model}-{method}")
-
 
 def plot_finetune(table: pa.Table, path: str | os.PathLike) -> str:
     """Bar charts of dispersion, within-segment dispersion and perplexity, base vs fine-tuned

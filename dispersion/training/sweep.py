@@ -35,7 +35,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from dispersion.core.config import RaySpec, Root, Strict, ZooSpec, read_yaml, validate
 from dispersion.core.errors import ConfigError, DataError
-from dispersion.core.ids import digest
+from dispersion.core.ids import digest, step_of
 from dispersion.core.layout import checkpoint_prefix, figure_path, report_path, result_path, train_arm_path
 from dispersion.core.storage import Store
 from dispersion.training.checkpoints import Mirror
@@ -304,7 +304,10 @@ def _local_checkpoint(cfg: SweepConfig, store: Store, row: dict) -> str:
         if (folder / "config.json").is_file():
             return str(folder)
     mirror = Mirror(store, checkpoint_prefix(cfg.name, row['arm']))
-    return str(mirror.pull(int(trained.name[4:]), here.parent))
+    step = step_of(trained.name)
+    if step is None:
+        raise DataError(f"{row['arm']}: checkpoint {str(trained)!r} is not a step folder")
+    return str(mirror.pull(step, here.parent))
 
 
 def condensation_maps(cfg: SweepConfig, runs: pa.Table, store: Store) -> bytes | None:
