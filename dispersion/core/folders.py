@@ -15,6 +15,11 @@ from pathlib import Path
 SUCCESS = "_SUCCESS"
 
 
+def cache_root(cache: str | os.PathLike) -> Path:
+    """A cache folder setting (``~`` expanded) as an absolute path."""
+    return Path(cache).expanduser().absolute()
+
+
 def read_marker(folder: Path) -> str | None:
     """The build key in ``folder/_SUCCESS``, ``None`` when the build is not complete."""
     try:

@@ -34,6 +34,12 @@ def step_of(revision: str) -> int | None:
     return int(m.group(1) or m.group(2))
 
 
+def step_folder(name: str) -> int | None:
+    """N of a checkpoint folder named exactly ``step{N}``; ``None`` for any other name
+    (``step30.tmp``, ``.tmp-step30-...``, ``final``)."""
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
 def revision_order(revision: str) -> tuple[float, str]:
     """Sort key: revisions by training step (``step30`` < ``step300``), names without a step last."""
     s = step_of(revision)

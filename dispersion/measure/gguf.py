@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dispersion.core.config import GGUFSpec, ModelSpec
 from dispersion.core.errors import ModelError
-from dispersion.core.folders import SUCCESS, clean_stale_tmp, install_folder, read_marker, tmp_sibling
+from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
 from dispersion.core.ids import digest
 
 CONVERTER = 1  # bump when the conversion writes something else: every GGUF is converted again
@@ -76,10 +76,6 @@ class ConvertedModel:
     @property
     def fingerprint(self) -> str:
         return f"gguf-{self.sha}-c{CONVERTER}"
-
-
-def cache_root(cache: str | os.PathLike) -> Path:
-    return Path(cache).expanduser().absolute()
 
 
 # -- where the file is ---------------------------------------------------------------------------

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dispersion.core.errors import ModelError
-from dispersion.core.folders import read_marker
-
-
-def cache_root(cache: str | os.PathLike) -> Path:
-    return Path(cache).expanduser().absolute()
+from dispersion.core.folders import cache_root, read_marker
+from dispersion.core.ids import step_folder
 
 
 def zoo_model_dir(cache: str | os.PathLike, name: str) -> Path:
@@ -31,8 +28,9 @@ def zoo_revisions(cache: str | os.PathLike, name: str) -> list[str]:
         raise ModelError(f"zoo: model {name!r} is not built in {root.parent} (run `dispersion zoo build`)")
     steps = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / "config.json").exists():
-            steps.append(int(p.name[4:]))
+        step = step_folder(p.name)
+        if step is not None and p.is_dir() and (p / "config.json").exists():
+            steps.append(step)
     return [f"step{n}" for n in sorted(steps)]
 
 

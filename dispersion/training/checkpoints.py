@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispersion.core.errors import ConfigError, ModelError
+from dispersion.core.ids import step_folder
 from dispersion.core.storage import Store
 
 STATE_FILE = "trainer_state.json"
@@ -37,10 +38,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
-def _step_of(name: str) -> int | None:
-    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
-
-
 def checkpoint_steps(out_dir: str | os.PathLike) -> list[int]:
     """Steps of the complete checkpoints in ``out_dir`` (those with a trainer state), sorted."""
     out = Path(out_dir)
@@ -48,7 +45,7 @@ def checkpoint_steps(out_dir: str | os.PathLike) -> list[int]:
         return []
     steps = []
     for p in out.iterdir():
-        n = _step_of(p.name)
+        n = step_folder(p.name)
         if n is not None and p.is_dir() and (p / STATE_FILE).is_file():
             steps.append(n)
     return sorted(steps)
@@ -173,12 +170,12 @@ class Mirror:
 
     def steps(self) -> list[int]:
         """Steps of the complete stored checkpoints (those whose trainer state is stored), sorted."""
-        found = (_step_of(p.rsplit("/", 2)[-2]) for p in self.store.glob(self.rel(f"step*/{STATE_FILE}")))
+        found = (step_folder(p.rsplit("/", 2)[-2]) for p in self.store.glob(self.rel(f"step*/{STATE_FILE}")))
         return sorted(n for n in found if n is not None)
 
     def push_checkpoint(self, folder: Path) -> str:
         """Upload a complete local checkpoint (trainer state last); returns its URL."""
-        step = _step_of(folder.name)
+        step = step_folder(folder.name)
         if step is None or not (folder / STATE_FILE).is_file():
             raise ModelError(f"checkpoint: {folder} is not a complete checkpoint folder")
         files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))

@@ -47,10 +47,9 @@ import numpy as np
 
 from dispersion.core.config import ZooSpec
 from dispersion.core.errors import ConfigError, ModelError
-from dispersion.core.folders import SUCCESS, clean_stale_tmp, install_folder, tmp_sibling
+from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
 from dispersion.core.ids import digest
 from dispersion.measure.modeling import quiet_transformers
-from dispersion.measure.zoo_cache import cache_root, read_marker
 from dispersion.measure.zoo_cache import zoo_model_dir as cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
