@@ -15,10 +15,24 @@ Forward FLOPs per token: 2 * (matmul parameters incl. the LM head) + 2 * n_layer
 
 Usage: python bench/bench_extract.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
        [--d D --layers L --T T --batch B]   (the model and segments of the memory runs (c))
+       [--shapes NAME,...] [--naive-n N] [--no-memory]
 
-On CUDA the throughput shapes are fixed (1024 segments of 512 tokens, d 1024, 8 layers, vocab
-32000, batch 32; 256 segments with --quick), every timed region ends with
-``torch.cuda.synchronize()``, and (c) also reports the peak allocated GPU memory.
+On CUDA the throughput shapes are named presets (``--shapes``, default ``llama-d1024``):
+
+* ``llama-d1024``: d 1024, 8 layers, vocab 32000 (the synthetic shape of earlier runs);
+* ``smollm2-135m``: SmolLM2-135M's published config (d 576, 30 layers, 9 heads / 3 KV heads,
+  MLP 1536, vocab 49152, tied head), randomly initialised: throughput does not depend on the
+  weights' values;
+* ``llama-3.2-1b``: Llama-3.2-1B's config (d 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192,
+  vocab 128256, tied head), randomly initialised.
+
+Each shape runs 1024 segments of 512 tokens (256 with --quick) through ours and through the
+field's two-pass pattern (a batched full-logit fp32 log-softmax loss pass, as
+lm-evaluation-harness' HFLM computes log-likelihoods, then a batched
+``output_hidden_states=True`` pass for the states), both at the same batch, and the first
+``--naive-n`` segments through the per-segment loop. Every timed region ends with
+``torch.cuda.synchronize()``; the fraction of peak is against a measured 8192^3 matmul in the
+same dtype; (c) also reports the peak allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -35,26 +49,44 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dispersion.measure.extract import Extractor  # noqa: E402
 from rss import peak_rss_kb, reset_peak_rss  # noqa: E402  (bench/rss.py)
 
+from dispersion.measure.extract import Extractor  # noqa: E402
 
-def make_model(vocab: int, d: int, layers: int, ctx: int, device: str, dtype: str):
+# name: (vocab, d, layers, heads, kv_heads, mlp, tied head)
+SHAPES = {
+    "llama-d1024": (32000, 1024, 8, 16, 16, 2728, False),
+    "smollm2-135m": (49152, 576, 30, 9, 3, 1536, True),
+    "llama-3.2-1b": (128256, 2048, 16, 32, 8, 8192, True),
+}
+
+
+def make_model(vocab: int, d: int, layers: int, ctx: int, device: str, dtype: str, heads: int | None = None,
+               kv_heads: int | None = None, mlp: int | None = None, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=int(8 * d / 3) // 8 * 8,
-                      num_hidden_layers=layers, num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 64),
+    heads = heads or max(1, d // 64)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=mlp or int(8 * d / 3) // 8 * 8,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=ctx, bos_token_id=1, eos_token_id=1, pad_token_id=0,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval()
+                      tie_word_embeddings=tied)
+    with torch.device(device):  # initialise on the device: a 1B model's CPU init takes minutes
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype=getattr(torch, dtype)).eval()
     model.config._attn_implementation = "sdpa"
     return model
 
 
 def flops_per_token(model, T: int) -> float:
+    """2 x matmul parameters (all 2-D weights but the token embedding, plus the LM head once even
+    when it is tied to the embedding) + 2 x n_layer x T x d (attention scores and values)."""
     cfg = model.config
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    params = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
+    matmul = sum(p.numel() for p in params)
+    head = model.get_output_embeddings().weight
+    if not any(p is head for p in params):
+        matmul += head.numel()
     return 2.0 * matmul + 2.0 * cfg.num_hidden_layers * T * cfg.hidden_size
 
 
@@ -104,6 +136,22 @@ def naive_batched(model, segs, device: str, batch: int) -> None:
         torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None])
 
 
+@torch.inference_mode()
+def two_pass(model, segs, device: str, batch: int) -> dict:
+    """The usual two passes, batched: full fp32 logits and log-softmax for the loss, then
+    ``output_hidden_states=True`` for the final layer's last-token state."""
+    ppl, vecs = [], []
+    for i in range(0, len(segs), batch):
+        ids = torch.tensor(np.stack([np.concatenate([[1], s]) for s in segs[i:i + batch]]), device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        nll = -logp.gather(2, ids[:, 1:, None])[..., 0].mean(1)
+        del logp
+        ppl.append(torch.exp(nll).cpu())
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        vecs.append(h[:, -1].float().cpu())
+    return {"ppl": torch.cat(ppl).numpy(), "vec": torch.cat(vecs).numpy()}
+
+
 def ours(model, segs, batch: int, layers=("final",)) -> dict:
     ex = Extractor(model, layers=list(layers), pools=["last"], bos_token_id=1, batch_size=batch,
                    nll_chunk_tokens=1024)
@@ -151,6 +199,10 @@ def main() -> None:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--shapes", default="llama-d1024",
+                   help=f"CUDA throughput presets, comma-separated: {', '.join(SHAPES)}")
+    p.add_argument("--naive-n", type=int, default=128, help="segments through the per-segment loop")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (c)")
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.child:
@@ -162,37 +214,51 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
 
     # (b) throughput
+    peak = matmul_peak(dev, dt, n=8192 if dev.startswith("cuda") else 2048)
     if dev.startswith("cuda"):
-        shapes = [(1024, 512, 32000, 1024, 8, 32)] if not args.quick else [(256, 512, 32000, 1024, 8, 32)]
+        n = 256 if args.quick else 1024
+        runs = [(name, n, 512, *SHAPES[name], args.batch if args.batch != 16 else 32)
+                for name in args.shapes.split(",")]
     else:
-        shapes = [(128 if not args.quick else 32, 128, 8192, 256, 4, 16)]
-    peak = matmul_peak(dev, dt, n=4096 if dev.startswith("cuda") else 2048)
-    print(f"\n### (b) extraction throughput (matmul peak measured here: {peak / 1e9:.1f} GFLOP/s {dt})\n")
-    print("| model | N x T | method | seconds | segments/s | model GFLOP/s | fraction of peak | max |Δppl|/ppl |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for n, T, V, d, L, batch in shapes:
-        model = make_model(V, d, L, T + 1, dev, dt)
+        runs = [("llama-d256", 128 if not args.quick else 32, 128, 8192, 256, 4, None, None, None, False, 16)]
+    print(f"\n### (b) extraction throughput (matmul peak measured here: {peak / 1e12:.1f} TFLOP/s {dt})\n")
+    print("| model | params | N x T | method | seconds | segments/s | tokens/s | model TFLOP/s | fraction of peak "
+          "| max |Δppl|/ppl vs ours |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, T, V, d, L, H, KV, mlp, tied, batch in runs:
+        model = make_model(V, d, L, T + 1, dev, dt, H, KV, mlp, tied)
+        params = sum(p.numel() for p in model.parameters())
         segs = segments(n, T, V)
         fpt = flops_per_token(model, T + 1)
+        n_naive = min(n, args.naive_n)
         ours(model, segs[:batch], batch)  # warm-up
+        two_pass(model, segs[:batch], dev, batch)
         naive(model, segs[:2], dev)
-        _sync(dev)
-        t = time.perf_counter()
-        a = ours(model, segs, batch)
-        _sync(dev)
-        t_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        b = naive(model, segs, dev)
-        _sync(dev)
-        t_naive = time.perf_counter() - t
-        diff = float(np.max(np.abs(a["ppl"] - b["ppl"]) / b["ppl"]))
-        name = f"llama d={d} L={L} V={V}"
-        for label, sec in (("ours (batched, hooks, chunked NLL)", t_ours), ("naive (per segment, all hidden states)", t_naive)):
-            fl = fpt * n * (T + 1) / sec
-            print(f"| {name} | {n} x {T} | {label} | {sec:.2f} | {n / sec:.1f} | {fl / 1e9:.1f} | {fl / peak:.2f} | "
-                  f"{diff:.1e} |")
-        print(f"\nspeedup ours / naive: {t_naive / t_ours:.2f}x")
-        del model
+        results = []
+        methods = (("ours (batched, hooks, chunked NLL)", ours, (model, segs, batch), n),
+                   ("two-pass (loss pass + hidden-states pass)", two_pass, (model, segs, dev, batch), n),
+                   ("naive (per segment, all hidden states)", naive, (model, segs[:n_naive], dev), n_naive))
+        for label, fn, fn_args, k in methods:
+            _sync(dev)
+            t = time.perf_counter()
+            out = fn(*fn_args)
+            _sync(dev)
+            results.append((label, time.perf_counter() - t, k, out))
+        ref = results[0][3]["ppl"]
+        for label, sec, k, out in results:
+            diff = float(np.max(np.abs(out["ppl"] - ref[:k]) / ref[:k]))
+            fl = fpt * k * (T + 1) / sec
+            print(f"| {name} | {params / 1e6:.0f}M | {k} x {T} | {label} | {sec:.2f} | {k / sec:.1f} | "
+                  f"{k * T / sec:,.0f} | {fl / 1e12:.2f} | {fl / peak:.2f} | {diff:.1e} |")
+        rate = {label: k / sec for label, sec, k, _ in results}
+        labels = [r[0] for r in results]
+        print(f"\n{name}: ours / two-pass {rate[labels[0]] / rate[labels[1]]:.2f}x, "
+              f"ours / per-segment loop {rate[labels[0]] / rate[labels[2]]:.1f}x (segments/s)\n")
+        del model, results, methods
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.no_memory:
+        return
 
     # (c) peak memory
     print("\n### (c) peak memory above the loaded model (fresh process each)\n")

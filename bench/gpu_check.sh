@@ -7,7 +7,9 @@
 #    lacks) into /tmp/site, offline, and puts /tmp/site and the repository on PYTHONPATH;
 # 2. tests/test_gpu.py (extraction, training, auxiliary losses, metrics on CUDA vs CPU refs);
 # 3. bench/bench_losses.py on CUDA at a GPT-2-124M-like shape;
-# 4. bench/bench_extract.py on CUDA in bfloat16.
+# 4. bench/bench_extract.py on CUDA in bfloat16: ours vs the two-pass pattern vs the per-segment
+#    loop at three shapes (a synthetic d 1024 Llama, SmolLM2-135M's config, Llama-3.2-1B's config;
+#    random weights, since the packaged GGUF is larger than what travels to the machine).
 #
 # Logs go to $OUT (default /tmp/gpu_check_out): gpu_tests.log, bench_losses_gpu.log,
 # bench_extract_gpu.log and summary.txt (the exit status of every step). A failing step does
@@ -82,21 +84,22 @@ print("pydantic", getattr(sys.modules.get("pydantic"), "VERSION", "?"),
 print("imports OK" if not missing else "IMPORT FAILURES:\n  " + "\n  ".join(missing))
 sys.exit(1 if missing or not torch.cuda.is_available() else 0)
 EOF
-step "environment (imports, CUDA)" 120 "$OUT/versions.txt" -- "$PY" /tmp/gpu_env_check.py
+step "environment (imports, CUDA)" 90 "$OUT/versions.txt" -- "$PY" /tmp/gpu_env_check.py
 
 # -- 2. tests ------------------------------------------------------------------------------
-step "pytest tests/test_gpu.py" 200 "$OUT/gpu_tests.log" -- \
+step "pytest tests/test_gpu.py" 180 "$OUT/gpu_tests.log" -- \
     "$PY" -m pytest -q -p no:cacheprovider -raP --durations=10 tests/test_gpu.py
 
 # -- 3. loss benchmark: GPT-2-124M-like (d 768, 12 layers, 12 heads), T 512, B 8, vocab 50304 --
-step "bench_losses (cuda)" 130 "$OUT/bench_losses_gpu.log" -- \
+step "bench_losses (cuda)" 110 "$OUT/bench_losses_gpu.log" -- \
     "$PY" bench/bench_losses.py --device cuda --d 768 --layers 12 --T 512 --B 8 --vocab 50304 \
     --rounds 10 --warmup 3 --repeats 3 --n-list 4096 16384 65536 262144 --naive-max 32768
 
-# -- 4. extraction benchmark: (b) 1024 x 512 tokens, Llama d 1024 / 8 layers / vocab 32000;
-#       (c) memory runs with the same model width and segment length, batch 32 ---------------
-step "bench_extract (cuda, bf16)" 130 "$OUT/bench_extract_gpu.log" -- \
-    "$PY" bench/bench_extract.py --device cuda --dtype bfloat16 --d 1024 --layers 8 --T 512 --batch 32
+# -- 4. extraction benchmark: (b) 1024 x 512 tokens at three shapes, batch 32;
+#       (c) memory runs with a d 1024 / 8-layer model and 512-token segments, batch 32 --------
+step "bench_extract (cuda, bf16)" 220 "$OUT/bench_extract_gpu.log" -- \
+    "$PY" bench/bench_extract.py --device cuda --dtype bfloat16 --d 1024 --layers 8 --T 512 --batch 32 \
+    --shapes llama-d1024,smollm2-135m,llama-3.2-1b --naive-n 128
 
 echo
 echo "=== summary ($(( $(date +%s) - START ))s) ==="
