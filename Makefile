@@ -24,10 +24,12 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/dispersion scan --config $(CONFIG)
 
-# every analysis on the embedded zoo, then the single-model ones on SmolLM2-135M
+# every analysis on the embedded zoo, the single-model ones on SmolLM2-135M, then kNN-LM
+# layer selection (paper 001 Sec. 3.3) on both
 analyses: install
 	$(VENV)/bin/dispersion scan --config configs/analyses.yaml
 	$(VENV)/bin/dispersion scan --config configs/smollm2.yaml
+	$(VENV)/bin/dispersion scan --config configs/knnlm.yaml
 
 # ruff and mypy on the code, then the tests
 lint: install

@@ -1,5 +1,5 @@
 """The ``dispersion`` command line: ``zoo build``, ``scan``, ``analyze``, ``query``, ``report``,
-``train-sweep``, ``losses``.
+``verify``, ``train-sweep``, ``losses``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so
 ``--help`` and ``query`` start fast. Every :class:`DispersionError` ends the command with
@@ -25,25 +25,64 @@ app = typer.Typer(help="Representation dispersion of language models.", no_args_
 zoo_app = typer.Typer(help="The embedded model zoo (tiny models trained locally).", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Run config (YAML; path or fsspec URL).")]
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", "-c", help=f"Run config (YAML; path or fsspec URL). Default: {DEFAULT_CONFIG}, or none when "
+                           "--model is given (the embedded prose and code datasets, default settings).")]
+ModelOpt = Annotated[Optional[list[str]], typer.Option(
+    "--model", "-m", help="Scan this model instead of the config's models (repeatable): org/name@rev[,rev2], "
+                          "NAME=org/name@rev, a local folder, zoo:NAME@all, packaged:smollm2-135m, gguf:FILE.")]
+DatasetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--dataset", "-d", help="Use this dataset instead of the config's datasets (repeatable): "
+                            "embedded:prose|code[:split], hf:PATH[:NAME[:SPLIT[:FIELD]]], NAME=... .")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "-o", "--set", help="Set one config field, value read as YAML (repeatable): -o sampling.num_segments=200 "
+                        "-o models.0.dtype=bfloat16 -o 'extraction.layers=[1, final]'.")]
 RootOpt = Annotated[Optional[str], typer.Option("--root", help="Artifact root (overrides the config's root).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the config's `trust_remote_code: true` "
+                                        "(runs code from a model's or dataset's repository).")]
 
 
-def _load(config: str):
+def _load(config: str | None, models: list[str] | None = None, datasets: list[str] | None = None,
+          overrides: list[str] | None = None):
+    """The run config: the file (or, with --model and no --config, the command-line base) with
+    the command line's models, datasets and ``-o`` assignments applied."""
     from dispersion.config import load_config
 
-    return load_config(config)
+    if config is None and not models:
+        config = DEFAULT_CONFIG
+    return load_config(config, models=models or (), datasets=datasets or (), overrides=overrides or ())
+
+
+def _console():
+    """rich on a terminal; elsewhere (a pipe, a log file, a worker) plain unwrapped lines:
+    no colour, no 80-column wrapping of log lines or tables."""
+    from rich.console import Console
+
+    from dispersion.core.progress import interactive
+
+    if interactive(sys.stdout):
+        return Console()
+    return Console(width=10_000, soft_wrap=True, no_color=True, highlight=False)
+
+
+def _preflight(root: str, cfg=None, *, write: bool = True, trust_remote_code: bool = False):
+    """The checks of :mod:`dispersion.core.preflight` (consent for remote code, a usable root),
+    before a command samples, loads or writes anything; returns the root's Store."""
+    from dispersion.core.preflight import preflight
+
+    return preflight(root, cfg, write=write, trust_remote_code=trust_remote_code)
 
 
 @zoo_app.command("build")
-def zoo_build(config: ConfigOpt = DEFAULT_CONFIG, progress: ProgressOpt = True,
-              model: Annotated[Optional[list[str]], typer.Option(help="Only these zoo models.")] = None) -> None:
+def zoo_build(config: ConfigOpt = None, progress: ProgressOpt = True,
+              model: Annotated[Optional[list[str]], typer.Option(help="Only these zoo models.")] = None,
+              overrides: SetOpt = None) -> None:
     """Train the tokenizer and the tiny zoo models (skips what is built)."""
     from dispersion.measure.zoo_cache import zoo_train_log
     from dispersion.training.zoo import build_zoo
 
-    cfg = _load(config)
+    cfg = _load(config, overrides=overrides)
     names = model or sorted({m.zoo for m in cfg.models if m.zoo}) or None
     built = build_zoo(cfg.zoo, names=names, progress=progress)
     for name, path in built.items():
@@ -53,15 +92,21 @@ def zoo_build(config: ConfigOpt = DEFAULT_CONFIG, progress: ProgressOpt = True,
 
 
 @app.command()
-def scan(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None, progress: ProgressOpt = True) -> None:
-    """Sample segments, extract every model@revision (resuming), analyse and report."""
-    from rich.console import Console
+def scan(config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt = None, overrides: SetOpt = None,
+         root: RootOpt = None, progress: ProgressOpt = True, trust_remote_code: TrustOpt = False) -> None:
+    """Sample segments, extract every model@revision (resuming), analyse and report.
 
+    \b
+    dispersion scan                                    # configs/default.yaml
+    dispersion scan -m EleutherAI/pythia-70m@step1000 -d embedded:prose -o sampling.num_segments=500
+    dispersion scan -c configs/analyses.yaml -o analysis.bin_size=50
+    """
     from dispersion.report.markdown import print_tables
     from dispersion.run import run_scan
 
-    cfg = _load(config)
-    console = Console()
+    cfg = _load(config, model, dataset, overrides)
+    _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    console = _console()
     result = run_scan(cfg, root=root, progress=progress, log=console.print)
     a = cfg.analysis
     print_tables(result.tables["bins"], result.tables["correlations"], layer=str(a.layer), site=a.site,
@@ -73,23 +118,22 @@ def scan(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None, progress: Pro
 
 
 @app.command()
-def report(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
-    """Recompute bins, correlations, plot and catalog from the stored shards."""
-    from rich.console import Console
-
-    from dispersion.core.storage import Store
+def report(config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt = None, overrides: SetOpt = None,
+           root: RootOpt = None, trust_remote_code: TrustOpt = False) -> None:
+    """Recompute bins, correlations, plot and catalog from the stored shards (the same
+    --config / --model / --dataset / -o as the scan find its shards)."""
     from dispersion.measure.scan import plan
     from dispersion.run import aggregate
 
-    cfg = _load(config)
-    store = Store(root or cfg.root)
-    units = plan(cfg, store)
+    cfg = _load(config, model, dataset, overrides)
+    store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    units = plan(cfg, store, sample=False)
     tables, rep, catalog = aggregate(cfg, store, units)
     from dispersion.report.markdown import print_tables
 
     a = cfg.analysis
     print_tables(tables["bins"], tables["correlations"], layer=str(a.layer), site=a.site, pool=a.pool,
-                 console=Console(), model_order=[m.name for m in cfg.models])
+                 console=_console(), model_order=[m.name for m in cfg.models])
     typer.echo(f"plot: {rep['plot']}\nsummary: {rep['summary']}\ncatalog: {catalog}")
 
 
@@ -97,23 +141,23 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
 def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
                 help="Analysis steps to run (default: the config's analysis.steps; 'all' for every one); "
                      "`dispersion steps` lists them. Each runs after the steps it needs.")] = None,
-            config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None) -> None:
+            config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt = None, overrides: SetOpt = None,
+            root: RootOpt = None, trust_remote_code: TrustOpt = False) -> None:
     """Run analysis steps over a finished scan: tables, figures, report, catalog views."""
     from dispersion.config import ANALYSIS_STEPS
     from dispersion.core.errors import ConfigError
-    from dispersion.core.storage import Store
     from dispersion.measure.scan import plan
     from dispersion.run import aggregate
 
-    cfg = _load(config)
+    cfg = _load(config, model, dataset, overrides)
     only = None
     if steps:
         only = list(ANALYSIS_STEPS) if steps == ["all"] else steps
         bad = [s for s in only if s not in ANALYSIS_STEPS]
         if bad:
             raise ConfigError(f"steps: unknown step {bad[0]!r} (known: {', '.join(ANALYSIS_STEPS)}, all)")
-    store = Store(root or cfg.root)
-    units = plan(cfg, store, log=lambda m: None)
+    store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    units = plan(cfg, store, log=lambda m: None, sample=False)
     _, rep, catalog = aggregate(cfg, store, units, log=typer.echo, only=only)
     typer.echo(f"report: {rep['summary']}\ncatalog: {catalog}")
 
@@ -135,7 +179,9 @@ def train_sweep(config: Annotated[str, typer.Option("--config", "-c", help="Swee
     as Ray tasks instead."""
     from dispersion.training.sweep import load_sweep_config, run_sweep
 
-    out = run_sweep(load_sweep_config(config), log=typer.echo)
+    cfg = load_sweep_config(config)
+    _preflight(cfg.root, cfg)
+    out = run_sweep(cfg, log=typer.echo)
     typer.echo(f"report: {out['report']}\ncatalog: {out['catalog']}")
 
 
@@ -149,42 +195,104 @@ def losses() -> None:
 
 
 @app.command()
-def query(sql: Annotated[str, typer.Argument(help="SQL over the catalog views (segments, features, "
-                                                    "vectors, bins, correlations).")],
-          config: ConfigOpt = DEFAULT_CONFIG, root: RootOpt = None,
-          limit: Annotated[int, typer.Option(help="Rows to print at most.")] = 50) -> None:
-    """Run one SELECT on the catalog and print the result as a table. Sandboxed: no writes,
-    no files outside the root, no SET/INSTALL/LOAD (docs/GUARANTEES.md)."""
-    from rich.console import Console
-    from rich.table import Table
+def query(sql: Annotated[str, typer.Argument(help="One SELECT over the catalog views (`SHOW TABLES` lists "
+                                                    "them; docs/CATALOG.md describes every column).")],
+          config: ConfigOpt = None, overrides: SetOpt = None, root: RootOpt = None,
+          fmt: Annotated[Optional[str], typer.Option(
+              "--format", "-f", help="table, csv, json, jsonl, markdown or parquet. Default: the --output "
+                                     "file's suffix, else table on a terminal and csv in a pipe.")] = None,
+          output: Annotated[Optional[str], typer.Option(
+              "--output", help="Write the whole result to this file (local path or fsspec URL) instead "
+                               "of standard output.")] = None,
+          limit: Annotated[Optional[int], typer.Option(
+              help="Rows at most (default: 50 for a table on the terminal, all otherwise).")] = None) -> None:
+    """Run one SELECT on the catalog. Sandboxed: no writes, no files outside the root, no
+    SET/INSTALL/LOAD (docs/GUARANTEES.md).
 
+    \b
+    dispersion query "SELECT model, revision, step, avg(ppl) FROM features GROUP BY ALL ORDER BY model, step"
+    dispersion query "FROM correlations" --format csv > correlations.csv
+    dispersion query "FROM bins" --output bins.parquet
+    """
     from dispersion.core.catalog import query as run_query
-    from dispersion.core.storage import Store
+    from dispersion.core.errors import ConfigError
+    from dispersion.report.tabular import FORMATS, format_for, print_table, render
+
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"--format: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    kind = format_for(output, fmt, tty=sys.stdout.isatty())
+    if kind == "parquet" and output is None:
+        raise ConfigError("--format parquet: give --output FILE (Parquet is binary)")
+    if kind == "table" and output is not None:
+        raise ConfigError("--format table is for the terminal; for --output use csv, json, jsonl, markdown or parquet")
+    if root is None:
+        root = _load(config, overrides=overrides).root
+    result = run_query(_preflight(root, write=False), sql)
+    if result is None:
+        return
+    if kind == "table":
+        print_table(result, 50 if limit is None else limit)
+        return
+    if limit is not None:
+        result = result.slice(0, limit)
+    data = render(result, kind)
+    if output is None:
+        sys.stdout.write(data if isinstance(data, str) else data.decode())
+        return
+    _write_output(output, data)
+    typer.echo(f"{result.num_rows} rows -> {output}", err=True)
+
+
+def _write_output(path: str, data: str | bytes) -> None:
+    """Write a query result to a local path or fsspec URL; one error line if that fails."""
+    import fsspec
+
+    from dispersion.core.errors import DataError, first_line
+
+    try:
+        with fsspec.open(path, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+    except Exception as err:  # noqa: BLE001 - permissions, a missing folder, a protocol: one line
+        raise DataError(f"--output {path}: cannot write: {first_line(err)}") from None
+
+
+@app.command()
+def verify(config: ConfigOpt = None, root: RootOpt = None,
+           repair: Annotated[bool, typer.Option("--repair", help="Remove the done markers of damaged "
+                                                "files, so the next scan recomputes their units.")] = False
+           ) -> None:
+    """Check every file of every done marker in a root against the checksum it recorded:
+    one line per damaged file, a summary, exit status 1 if any is damaged."""
+    from dispersion.core.errors import DataError
+    from dispersion.core.integrity import verify_root
 
     if root is None:
         root = _load(config).root
-    result = run_query(Store(root), sql)
-    if result is None:
-        return
-    table = Table(show_lines=False)
-    for name in result.column_names:
-        table.add_column(name)
-    for row in result.slice(0, limit).to_pylist():
-        table.add_row(*[_cell(v) for v in row.values()])
-    Console().print(table)
-    if result.num_rows > limit:
-        typer.echo(f"({result.num_rows} rows, {limit} shown)")
+    store = _preflight(root, write=repair)
+    if not store.fs.exists(store.base):
+        raise DataError(f"root: {root} does not exist")
+    result = verify_root(store, repair=repair, log=typer.echo)
+    typer.echo(result.summary())
+    if not result.ok:
+        raise typer.Exit(1)
 
 
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, list) and len(v) > 6:
-        return "[" + ", ".join(_cell(x) for x in v[:4]) + f", … ({len(v)})]"
-    return str(v)
+def _log_lines() -> None:
+    """The library's own log lines (``dispersion.*`` loggers, e.g. a zoo build or a lock wait)
+    as plain lines on stderr; other libraries keep their defaults."""
+    import logging
+
+    logger = logging.getLogger("dispersion")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def main() -> None:
+    _log_lines()
     try:
         app()
     except DispersionError as err:

@@ -7,6 +7,8 @@ type. Both are generated from the registry, so a new step needs no edit here.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -15,6 +17,7 @@ from pydantic import Field, create_model, model_validator
 from dispersion.analyses import STEPS, AnalysisOptions
 from dispersion.core.config import ScanConfig, read_yaml, validate
 from dispersion.core.errors import ConfigError
+from dispersion.core.overrides import apply_overrides
 from dispersion.measure.sites import SITES
 
 ANALYSIS_STEPS: tuple[str, ...] = tuple(STEPS)
@@ -52,6 +55,30 @@ def parse_config(data: object, source: str = "<config>") -> RunConfig:
     return validate(RunConfig, data, source)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config from a local path or an fsspec URL."""
-    return parse_config(read_yaml(path), str(path))
+# The base of a command line that names models but no config: the embedded corpus's two
+# held-out domains, every other setting at its default.
+COMMAND_LINE_BASE: dict = {
+    "datasets": [{"name": "prose", "embedded": "prose", "split": "validation"},
+                 {"name": "code", "embedded": "code", "split": "validation"}],
+}
+
+
+def load_config(path: str | Path | None, *, models: Sequence[str] = (), datasets: Sequence[str] = (),
+                overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a YAML run config from a local path or an fsspec URL, with the
+    command line's ``--model``, ``--dataset`` and ``-o key.path=value`` applied first
+    (:mod:`dispersion.core.overrides`). Without a path, ``models`` is required and the base is
+    :data:`COMMAND_LINE_BASE`, named after the first model and rooted at ``runs/<name>``."""
+    if path is None:
+        if not models:
+            raise ConfigError("give --config FILE or at least one --model")
+        data = copy.deepcopy(COMMAND_LINE_BASE)
+        source = "<command line>"
+    else:
+        data, source = read_yaml(path), str(path)
+    data = apply_overrides(data, models=models, datasets=datasets, overrides=overrides)
+    if path is None:
+        first = data["models"][0]["name"]
+        data.setdefault("name", first)
+        data.setdefault("root", f"runs/{data['name']}")
+    return parse_config(data, source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,12 +16,12 @@ import pyarrow as pa
 
 from dispersion.analyses import STEPS, StepContext
 from dispersion.analyses.bins import analyze
-from dispersion.analyses.registry import run_steps
+from dispersion.analyses.registry import report_sections, run_steps
 from dispersion.config import RunConfig
 from dispersion.core.catalog import build_catalog
 from dispersion.core.config import ScanConfig
 from dispersion.core.errors import ConfigError
-from dispersion.core.ids import step_of
+from dispersion.core.ids import revision_order, step_of
 from dispersion.core.layout import result_path
 from dispersion.core.storage import Store
 from dispersion.measure.scan import ScanStats, WorkUnit, execute, plan, write_manifest
@@ -47,13 +48,43 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi)
     for name, table in tables.items():
         store.write_table(result_path(name, config.name), table)
-    sections = run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log), only=only)
+    run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log), only=only)
+    sections = report_sections(STEPS, store, config.name)
     layer = str(a.layer)
     report = publish_report(store, config.name, tables["bins"], tables["correlations"],
                             layer=layer, site=a.site, pool=a.pool, sections=sections,
-                            model_order=[m.name for m in config.models])
+                            model_order=[m.name for m in config.models], meta=run_meta(config, store, units))
     catalog = build_catalog(store)
     return tables, report, catalog
+
+
+def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str, str]:
+    """What the report's first lines say about a run: name and id, when, code version, models
+    and revisions, datasets and segments, bins, what was measured."""
+    from dispersion import __version__
+    from dispersion.core.layout import MANIFESTS, run_of_manifest
+
+    revisions: dict[str, set[str]] = {}
+    for u in units:
+        revisions.setdefault(u.mr.model, set()).add(u.mr.revision)
+
+    def revs(r: set[str]) -> str:
+        ordered = sorted(r, key=revision_order)
+        return ", ".join(ordered) if len(ordered) <= 4 else f"{ordered[0]} … {ordered[-1]}, {len(ordered)} revisions"
+
+    samples = {(u.segments.dataset, u.segments.sample): sum(u.segments.shard_rows) for u in units}
+    runs = sorted(store.glob(MANIFESTS), key=run_of_manifest)
+    a, s = config.analysis, config.sampling
+    return {
+        "run": f"`{config.name}`" + (f" (run id `{run_of_manifest(runs[-1])}`)" if runs else ""),
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f" by dispersion {__version__}",
+        "models": "; ".join(f"{m} ({revs(r)})" for m, r in revisions.items()),
+        "datasets": ", ".join(f"{d.name} ({d.embedded or (d.hf.path if d.hf else '')}, {d.split})"
+                              for d in config.datasets),
+        "segments": f"{sum(samples.values())} in {len(samples)} samples, {s.segment_length} tokens each, seed {s.seed}",
+        "bins": f"{a.bin_size} segments per bin" + (f"; Algorithm 1 selects {a.select_bins}" if a.select_bins else ""),
+        "measured": f"layer `{a.layer}`, site `{a.site}`, pool `{a.pool}`",
+    }
 
 
 def ensure_zoo(config: ScanConfig, progress: bool = True) -> None:
@@ -71,8 +102,8 @@ def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = Tru
     ensure_zoo(config, progress=progress)
     units = plan(config, store, log=log)
     stats = execute(units, config, store, progress=progress, log=log)
+    run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
     tables, report, catalog = aggregate(config, store, units, log=log)
-    run_id = write_manifest(config, store, units, stats)
     return ScanResult(stats, tables, report, catalog, run_id)
 
 

@@ -1,8 +1,12 @@
 """Run a flow from the shell with one-line errors:
 
-    python -m flows scan-models --config configs/default.yaml [--root s3://bucket/prefix]
+    python -m flows scan-models --config configs/default.yaml [--root s3://bucket/prefix] [--trust-remote-code]
     python -m flows checkpoint-sweep --config C --model M (--revisions step1 step2 | --glob 'dir/step*')
     python -m flows train-sweep --config configs/train-sweep.yaml
+    python -m flows knnlm --config configs/knnlm.yaml [--root R]
+
+Before Prefect and Ray start, :func:`dispersion.core.preflight.preflight` checks the config,
+the consent for remote code and the root, as the ``dispersion`` commands do.
 """
 
 from __future__ import annotations
@@ -13,16 +17,21 @@ import os
 import sys
 
 from dispersion.core.errors import DispersionError
+from tasks import STARTUP_SETTING
+
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
-def preflight(config: str, root: str | None) -> None:
+def preflight(config: str, root: str | None, trust_remote_code: bool = False, models: list[str] | None = None,
+              datasets: list[str] | None = None, overrides: list[str] | None = None) -> None:
     """Check what can be checked before Prefect and Ray start, so bad input gives one line:
-    the config, the storage root (bucket, credentials) and the Ray address."""
+    the config, the consent for remote code, the storage root (protocol, bucket,
+    credentials, writable) and the Ray address."""
     from dispersion.config import load_config
-    from dispersion.core.storage import Store
+    from dispersion.core.preflight import preflight as check
 
-    cfg = load_config(config)
-    Store(root or cfg.root).check()
+    cfg = load_config(config, models=models or (), datasets=datasets or (), overrides=overrides or ())
+    check(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
         from tasks.ray_extract import _check_reachable
@@ -31,11 +40,11 @@ def preflight(config: str, root: str | None) -> None:
 
 
 def preflight_sweep(config: str) -> None:
-    from dispersion.core.storage import Store
+    from dispersion.core.preflight import preflight as check
     from dispersion.training.sweep import load_sweep_config
 
     cfg = load_sweep_config(config)
-    Store(cfg.root).check()
+    check(cfg.root, cfg)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
         from tasks.ray_extract import _check_reachable
@@ -48,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="flow", required=True)
     scan = sub.add_parser("scan-models", help="scan every model@revision of a config")
     sweep = sub.add_parser("checkpoint-sweep", help="one model over revisions or checkpoint folders")
-    for q in (scan, sweep):
-        q.add_argument("--config", default="configs/default.yaml")
+    knn = sub.add_parser("knnlm", help="kNN-LM datastores on Ray, then the scan and its steps (knnlm)")
+    for q in (scan, sweep, knn):
+        q.add_argument("--config", default="configs/knnlm.yaml" if q is knn else "configs/default.yaml")
         q.add_argument("--root", default=None)
+        q.add_argument("--trust-remote-code", action="store_true",
+                       help="allow the config's trust_remote_code: true (runs code from a model's repository)")
+        q.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="set one config field, value read as YAML (repeatable)")
+    scan.add_argument("-m", "--model", dest="models", action="append", default=[], metavar="MODEL",
+                      help="scan this model instead of the config's (repeatable): org/name@rev, zoo:NAME@all, ...")
+    scan.add_argument("-d", "--dataset", dest="datasets", action="append", default=[], metavar="DATASET",
+                      help="use this dataset instead of the config's (repeatable): embedded:prose, hf:PATH:...")
     train = sub.add_parser("train-sweep", help="a grid of training runs with dispersion losses")
     train.add_argument("--config", default="configs/train-sweep.yaml")
     sweep.add_argument("--model", required=True)
@@ -66,17 +84,31 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(train_sweep(args.config), indent=1))
             return 0
-        preflight(args.config, args.root)
+        models, datasets = getattr(args, "models", []), getattr(args, "datasets", [])
+        preflight(args.config, args.root, args.trust_remote_code, models, datasets, args.overrides)
         if args.flow == "scan-models":
             from flows.scan_models import scan_models
 
-            result = scan_models(args.config, args.root)
+            result = scan_models(args.config, args.root, trust_remote_code=args.trust_remote_code, models=models,
+                                 datasets=datasets, overrides=args.overrides)
+        elif args.flow == "knnlm":
+            from flows.knnlm import knnlm
+
+            result = knnlm(args.config, args.root, trust_remote_code=args.trust_remote_code, overrides=args.overrides)
         else:
             from flows.checkpoint_sweep import checkpoint_sweep
 
-            result = checkpoint_sweep(args.config, args.model, args.revisions, args.checkpoint_glob, args.root)
+            result = checkpoint_sweep(args.config, args.model, args.revisions, args.checkpoint_glob, args.root,
+                                      trust_remote_code=args.trust_remote_code, overrides=args.overrides)
     except DispersionError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if EPHEMERAL_TIMEOUT not in str(err):
+            raise
+        print(f"error: the temporary Prefect API server did not start within "
+              f"{os.environ.get(STARTUP_SETTING)} s; raise {STARTUP_SETTING} or point PREFECT_API_URL "
+              f"at a running Prefect server", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))
     return 0

@@ -36,11 +36,24 @@ def trajectory_task(cfg: RunConfig, units: list[WorkUnit], root: str) -> str:
 
 @flow(name="checkpoint-sweep", log_prints=True)
 def checkpoint_sweep(config: str, model: str, revisions: list[str] | None = None,
-                     checkpoint_glob: str | None = None, root: str | None = None) -> dict:
-    """Scan ``model`` of ``config`` at ``revisions`` or at the folders ``checkpoint_glob`` matches."""
-    cfg = sweep_config(load_config_task(config), model, revisions, checkpoint_glob)
+                     checkpoint_glob: str | None = None, root: str | None = None,
+                     trust_remote_code: bool = False, overrides: list[str] | None = None) -> dict:
+    """Scan one model of a run config at many checkpoints, then its trajectory table.
+
+    Args:
+        config: Run config, a path or fsspec URL.
+        model: The config's model to sweep (its ``name``).
+        revisions: Checkpoints to scan, e.g. ``["step1000", "step2000"]`` (hub revisions or
+            sub-folders of a local model).
+        checkpoint_glob: Instead of ``revisions``: a glob of checkpoint folders
+            (``/ckpt/run1/step*``); each match is one revision.
+        root: Store root (default: the config's root).
+        trust_remote_code: As for ``scan-models``.
+        overrides: ``key.path=value`` changes to the config (value read as YAML).
+    """
+    cfg = sweep_config(load_config_task(config, overrides=overrides), model, revisions, checkpoint_glob)
     root = root or cfg.root
-    result, units = run_pipeline(cfg, root)
+    result, units = run_pipeline(cfg, root, trust_remote_code)
     result["trajectory"] = trajectory_task(cfg, units, root)
     from dispersion.core.catalog import build_catalog
 

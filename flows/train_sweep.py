@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dispersion.core.layout import result_path
+from dispersion.core.preflight import preflight
 from dispersion.core.storage import Store
 from dispersion.training.sweep import SweepConfig, arms, load_sweep_config, publish
 
@@ -43,7 +44,12 @@ def report_task(cfg: SweepConfig, ran: int) -> dict:
 
 @flow(name="train-sweep", log_prints=True)
 def train_sweep(config: str = "configs/train-sweep.yaml") -> dict:
-    """Train every arm of the sweep config (finished arms are skipped) and report."""
+    """Train every arm of a dispersion-loss sweep (finished arms are skipped) and report.
+
+    Args:
+        config: Sweep config, a path or fsspec URL (see docs/TRAINING.md).
+    """
     cfg = load_sweep_config_task(config)
+    preflight(cfg.root, cfg)
     ran = train_task(cfg)
     return report_task(cfg, ran)

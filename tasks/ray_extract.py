@@ -5,7 +5,9 @@ queue of work units in which a model@revision's units are contiguous (``balance`
 model is loaded once per chunk; with more actors than models, large models are split.
 Actors restart when their process dies (``max_restarts``) and their pending calls are
 retried; a retried call first checks the unit's completion marker, and outputs are
-published atomically, so a crash never duplicates or loses a segment.
+published atomically, so a crash never duplicates or loses a segment. Each unit runs under
+a lease of this run (``dispersion.core.leases``): a retry re-takes it at once, and another
+run scanning the same root at the same time waits for it instead of extracting it again.
 
 Only shard paths and small markers travel back to the driver; the data stays in storage.
 """
@@ -22,8 +24,9 @@ import ray
 from dispersion.config import RunConfig
 from dispersion.core.config import RaySpec
 from dispersion.core.errors import DispersionError
+from dispersion.core.leases import LEASE_SECONDS, Leases, describe, new_owner
 from dispersion.core.storage import Store
-from dispersion.measure.scan import WorkUnit, balance, is_done, load_extractor, run_unit
+from dispersion.measure.scan import WorkUnit, balance, is_done, load_extractor, poll_seconds, run_leased
 
 
 class RayError(DispersionError):
@@ -65,11 +68,12 @@ def connect(spec: RaySpec) -> bool:
 class ExtractActor:
     """Holds the current model@revision's extractor; runs one work unit per call."""
 
-    def __init__(self, config_json: str, root: str):
+    def __init__(self, config_json: str, root: str, owner: str, lease_seconds: float = LEASE_SECONDS):
         import torch
 
         self.config = RunConfig.model_validate_json(config_json)
         self.store = Store(root)
+        self.leases = Leases(self.store, owner=owner, seconds=lease_seconds)
         self.current: tuple[str, str] | None = None
         self.extractor = None
         threads = int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 0)
@@ -79,15 +83,20 @@ class ExtractActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, unit: WorkUnit) -> dict:
-        if is_done(self.store, unit):  # a retry after a crash, or another run finished it
-            return self.store.read_json(unit.marker_rel)
+    def _extractor(self, unit: WorkUnit):
         key = (unit.mr.model, unit.mr.revision)
         if self.current != key:
             self.extractor = None
             self.extractor = load_extractor(unit.mr, self.config.extraction, unit.dtype)
             self.current = key
-        return run_unit(unit, self.extractor, self.store)
+        return self.extractor
+
+    def run(self, unit: WorkUnit) -> tuple[str, dict]:
+        """``("ran", marker)``, ``("done", marker)`` (a retry after a crash, or another run
+        finished it) or ``("leased", lease)`` (another live run is extracting it)."""
+        if is_done(self.store, unit):
+            return "done", self.store.read_json(unit.marker_rel) or {}
+        return run_leased(unit, self.store, self.leases, self._extractor)
 
 
 def gather(refs: list, spec: RaySpec, what: str = "unit"):
@@ -113,13 +122,21 @@ def _slots(spec: RaySpec) -> int:
 
 
 def extract_on_ray(config: RunConfig, units: list[WorkUnit], root: str,
-                   progress: Callable[[dict], None] | None = None) -> tuple[list[dict], int]:
+                   progress: Callable[[dict], None] | None = None,
+                   log: Callable[[str], None] = print, *, owner: str | None = None,
+                   lease_seconds: float = LEASE_SECONDS) -> tuple[list[dict], int]:
     """Run every pending unit on Ray actors; returns the completion markers of all units and
-    how many units ran now."""
+    how many units ran now. A unit whose files no longer match its marker is logged (``log``)
+    and runs again.
+
+    Units run under leases owned by ``owner`` (one per call unless given: pass the same
+    owner to a retry of this run so that it re-takes its own leases at once). A unit leased
+    by another live run is waited for, or run here once that lease expires."""
     store = Store(root)
-    pending = [u for u in units if not is_done(store, u)]
+    pending = [u for u in units if not is_done(store, u, log=log)]
     if not pending:
         return [store.read_json(u.marker_rel) for u in units], 0
+    owner = owner or new_owner()
     started = connect(config.ray)
     spec = config.ray
     queues = balance(pending, min(len(pending), spec.max_actors or _slots(spec)))
@@ -127,16 +144,41 @@ def extract_on_ray(config: RunConfig, units: list[WorkUnit], root: str,
                                max_restarts=spec.max_restarts, max_task_retries=spec.max_restarts,
                                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(spec.num_cpus)),
                                                          "TOKENIZERS_PARALLELISM": "false"}})
-    actors = [cls.remote(config.model_dump_json(), root) for _ in queues]
-    refs = [actor.run.remote(u) for actor, queue in zip(actors, queues) for u in queue]
+    actors = [cls.remote(config.model_dump_json(), root, owner, lease_seconds) for _ in queues]
     t0 = time.perf_counter()
+    ran = 0
+    said: float | None = None
+    finished = False
     try:
-        for _, marker in gather(refs, spec):
-            if progress is not None:
-                progress({**marker, "elapsed": time.perf_counter() - t0})
+        while queues:
+            refs = {actor.run.remote(u): u for actor, queue in zip(actors, queues) for u in queue}
+            waiting: list[tuple[WorkUnit, dict]] = []
+            for ref, (status, info) in gather(list(refs), spec):
+                if status == "ran":
+                    ran += 1
+                    if progress is not None:
+                        progress({**info, "elapsed": time.perf_counter() - t0})
+                elif status == "leased":
+                    waiting.append((refs[ref], info))
+            if waiting and (said is None or time.monotonic() - said > 60):
+                log(f"waiting for {len(waiting)} work unit(s) that another run is extracting "
+                    f"({waiting[0][0].describe()}: {describe(waiting[0][1])})")
+                said = time.monotonic()
+            if waiting:
+                time.sleep(poll_seconds(lease_seconds))
+            left = [u for u, _ in waiting if not is_done(store, u, log=log)]
+            queues = balance(left, len(actors)) if left else []
+        finished = True
     finally:
         for actor in actors:
             ray.kill(actor)
+        if not finished:  # free this run's leases of the units its killed actors held
+            leases = Leases(store, owner=owner)
+            for u in pending:
+                try:
+                    leases.release(u.lease_rel)
+                except Exception:  # noqa: BLE001 - best effort: they expire anyway
+                    break
         if started:
             ray.shutdown()
-    return [store.read_json(u.marker_rel) for u in units], len(pending)
+    return [store.read_json(u.marker_rel) for u in units], ran

@@ -3,8 +3,10 @@ tasks exchange configs, work units and paths."""
 
 from __future__ import annotations
 
+import re
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from dispersion.config import RunConfig, load_config
 from dispersion.core.layout import report_path
@@ -17,9 +19,19 @@ def _log(msg: str) -> None:
     get_run_logger().info(msg)
 
 
+def artifact_key(name: str, root: str) -> str:
+    """A Prefect artifact key per (config name, root): runs of one config into different roots
+    (local and S3, say) keep their own artifacts. Lowercase letters, digits and dashes."""
+    from dispersion.core.ids import digest
+
+    return re.sub(r"[^a-z0-9-]+", "-", f"dispersion-{name}-{digest(root.rstrip('/'), chars=6)}".lower())
+
+
 @task(name="load-config")
-def load_config_task(path: str) -> RunConfig:
-    return load_config(path)
+def load_config_task(path: str | None, models: list[str] | None = None, datasets: list[str] | None = None,
+                     overrides: list[str] | None = None) -> RunConfig:
+    """The run config with the command-line style changes of :mod:`dispersion.core.overrides`."""
+    return load_config(path, models=models or (), datasets=datasets or (), overrides=overrides or ())
 
 
 @task(name="build-zoo", retries=1)
@@ -40,12 +52,25 @@ def plan_task(config: RunConfig, root: str) -> list[WorkUnit]:
 def extract_task(config: RunConfig, units: list[WorkUnit], root: str) -> tuple[list[str], int]:
     """Fan the pending units out to Ray actors; returns the published features shard paths
     and how many units ran now."""
+    import time
+
+    from dispersion.core.progress import duration
     from tasks.ray_extract import extract_on_ray
 
-    def progress(marker: dict) -> None:
-        _log(f"done {marker['unit']} in {marker['seconds']:.1f}s")
+    t0, finished = time.monotonic(), [0]
 
-    markers, ran = extract_on_ray(config, units, root, progress=progress)
+    def progress(marker: dict) -> None:
+        finished[0] += 1
+        k, n = finished[0], len(units)
+        elapsed = time.monotonic() - t0
+        eta = f", ETA {duration(elapsed / k * (n - k))}" if k < n else ""
+        _log(f"unit {k}/{n} done: {marker['unit']} in {marker['seconds']:.1f}s{eta}")
+
+    # one lease owner per flow run: a retry of this task re-takes the leases of its first try
+    from prefect.runtime import flow_run
+
+    owner = f"flow-run-{flow_run.id}" if flow_run.id else None
+    markers, ran = extract_on_ray(config, units, root, progress=progress, log=_log, owner=owner)
     store = Store(root)
     return [store.url(m["features"]) for m in markers], ran
 
@@ -54,22 +79,28 @@ def extract_task(config: RunConfig, units: list[WorkUnit], root: str) -> tuple[l
 def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int) -> dict:
     """Bins, correlations, report and catalog; Prefect artifacts with the summary."""
     store = Store(root)
-    tables, report, catalog = aggregate(config, store, units, log=_log)
     stats = ScanStats(planned=len(units), ran=ran, skipped=len(units) - ran,
                       segments=sum(u.n_rows for u in units))
-    run_id = write_manifest(config, store, units, stats)
+    run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
+    tables, report, catalog = aggregate(config, store, units, log=_log)
     a = config.analysis
     corr = [r for r in tables["correlations"].to_pylist()
             if r["layer"] == str(a.layer) and r["site"] == a.site and r["pool"] in (a.pool, "tokens")
             and r["bins"] == "all"]
-    key = f"dispersion-{config.name}".lower().replace("_", "-").replace(".", "-")
+    key = artifact_key(config.name, store.url())
     create_table_artifact(key=f"{key}-correlations", table=[
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-         if k in ("model", "revision", "dataset", "scope", "n_bins", "pearson_r", "spearman_r")} for r in corr],
-        description=f"Bin mean perplexity vs dispersion, layer {a.layer}, site {a.site}, pool {a.pool}")
+        {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
+         if k in ("model", "revision", "dataset", "scope", "n_bins", "spearman_r", "spearman_p", "pearson_r",
+                  "pearson_p")} for r in corr],
+        description=f"Bin mean perplexity vs dispersion (all bins), layer {a.layer}, site {a.site}, pool {a.pool}; "
+                    f"root {store.url()}")
     with store.fs.open(store.path(report_path(config.name)), "r") as fh:
         summary = fh.read()
+    body = re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$", "", summary.split("\n## ")[0] + "\n", flags=re.M)
+    link = report.get("html", report["summary"])
     create_markdown_artifact(key=f"{key}-summary", markdown=(
-        f"**{len(units)} work units** ({ran} ran now), report: `{report['plot']}`, catalog: `{catalog}`\n\n"
-        + summary.split("## Bins")[0]), description=f"dispersion scan {config.name}")
+        f"**{len(units)} work units** ({ran} ran now) in `{store.url()}`; report: {link}, catalog: `{catalog}`\n\n"
+        + body), description=f"dispersion scan {config.name}")
+    create_link_artifact(key=f"{key}-report", link=link,
+                         link_text=f"report of {config.name}", description=f"dispersion scan {config.name} report")
     return {**report, "catalog": catalog, "run_id": run_id, "units": len(units), "ran": ran}

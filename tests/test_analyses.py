@@ -106,6 +106,7 @@ def test_heldout_and_report(analysed):
     for fig in ("domains", "context", "layers", "heldout", "vendi", "gap", "clusters", "finetune", "trajectory", "condensation"):
         rel = f"results/report/t/{fig}.png"
         assert f"(t/{fig}.png)" in md and store.exists(rel)
+        assert store.exists(f"results/report/t/{fig}.svg")  # the same figure as SVG beside it
         with open(store.path(rel), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
         img = mpimg.imread(store.path(rel))  # decodes: a real RGB(A) figure, not an empty canvas

@@ -107,3 +107,86 @@ def test_a_new_site_is_one_entry(arch, monkeypatch):
     with torch.no_grad(), Capture(model, tg, lambda t, h: got.__setitem__(t, h.clone())) as c:
         c.forward(input_ids=ids)
     torch.testing.assert_close(got[("2", "resid_mid")], got[("1", "block")] + got[("2", "attn")])
+
+
+def _block_by_hand(model, block, h_prev):
+    """One decoder block computed by hand from its input ``h_prev`` [B, T, d]: attention (the
+    module itself, causal without a mask), residual add, the MLP's pre-norm, the MLP, residual
+    add. Returns ``{resid_mid, mlp_in, block}``."""
+    T = h_prev.shape[1]
+    if hasattr(block, "ln_1"):  # GPT-2
+        a = block.attn(block.ln_1(h_prev))[0]
+        r = h_prev + a
+        x = block.ln_2(r)
+    else:  # Llama
+        pos = torch.arange(T).unsqueeze(0)
+        cos_sin = model.model.rotary_emb(h_prev, pos)
+        a = block.self_attn(hidden_states=block.input_layernorm(h_prev), position_embeddings=cos_sin,
+                            attention_mask=None)[0]
+        r = h_prev + a
+        x = block.post_attention_layernorm(r)
+    return {"resid_mid": r, "mlp_in": x, "block": r + block.mlp(x)}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_resid_mid_and_mlp_in_equal_a_block_computed_by_hand(arch):
+    """``resid_mid`` = h_{l-1} + a_l (paper 001 Sec. 3.3's h_att) and ``mlp_in`` = LN_{l,2} of
+    it, against block 2 computed by hand from block 1's captured output."""
+    model = MODELS[arch]()
+    ids = _ids()
+    got: dict = {}
+    tg = targets(["1", "2"], ["block", "resid_mid", "mlp_in", "attn"])
+    with torch.no_grad(), Capture(model, tg, lambda t, h: got.__setitem__(t, h.clone())) as c:
+        c.forward(input_ids=ids)
+        want = _block_by_hand(model, find_blocks(model.base_model, 3)[1], got[("1", "block")])
+    for site in ("resid_mid", "mlp_in", "block"):
+        torch.testing.assert_close(got[("2", site)], want[site], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[("2", "resid_mid")], got[("1", "block")] + got[("2", "attn")])
+
+
+def _tiny(kind: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    extra = {"use_parallel_residual": False} if kind == "gpt_neox" else {}
+    cfg = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                               max_position_embeddings=64, bos_token_id=BOS, eos_token_id=BOS, pad_token_id=0,
+                               **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "olmo2", "gpt_neox"])
+def test_resid_mid_in_other_families(kind):
+    """Gemma-2 (pre- and post-sub-layer norms), OLMo-2 (post-norms only) and serial GPT-NeoX:
+    block l's output is ``resid_mid`` plus what the MLP branch adds (its post-norm where the
+    family has one), and ``mlp_in`` is the MLP's input."""
+    model = _tiny(kind)
+    block = find_blocks(model.base_model, 2)[1]
+    got: dict = {}
+    tg = targets(["2"], ["block", "resid_mid", "mlp_in", "mlp"])
+    with torch.no_grad(), Capture(model, tg, lambda t, h: got.__setitem__(t, h.clone())) as c:
+        c.forward(input_ids=_ids())
+        r, x = got[("2", "resid_mid")], got[("2", "mlp_in")]
+        pre = getattr(block, "pre_feedforward_layernorm", None) or block.post_attention_layernorm
+        post = getattr(block, "post_feedforward_layernorm", None) or (lambda m: m)
+        if kind == "olmo2":  # no MLP pre-norm: the MLP reads the residual stream itself
+            torch.testing.assert_close(x, r)
+        else:
+            torch.testing.assert_close(x, pre(r))
+        torch.testing.assert_close(got[("2", "block")], r + post(block.mlp(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_resid_mid_is_an_error_for_a_parallel_residual():
+    """GPT-NeoX with ``use_parallel_residual`` never forms h_{l-1} + a_l: an error naming the site."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from dispersion.measure.sites import parallel_residual
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, use_parallel_residual=True)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    assert parallel_residual(cfg) and not parallel_residual(MODELS["gpt2"]().config)
+    with pytest.raises(ModelError, match=r"site 'resid_mid' does not exist in 'gpt_neox' blocks"):
+        Capture(model, [("1", "resid_mid")], lambda t, h: None)
+    Capture(model, [("1", "mlp_in")], lambda t, h: None)  # the MLP's input exists in parallel blocks too

@@ -20,7 +20,7 @@ def test_default_config_is_valid():
 def test_smollm2_config_runs_the_single_model_steps():
     cfg = load_config(CONFIGS / "smollm2.yaml")
     assert [m.packaged for m in cfg.models] == ["smollm2-135m"]
-    assert set(cfg.analysis.steps) == {"domains", "context", "layers", "vendi", "gap", "condensation"}
+    assert set(cfg.analysis.steps) == {"domains", "context", "layers", "vendi", "hardness", "gap", "condensation"}
     assert cfg.extraction.layers == ["all"] and max(cfg.extraction.context_lengths) <= cfg.sampling.segment_length
 
 
@@ -96,11 +96,14 @@ def test_olmo_trajectory_resolves_the_papers_checkpoints_from_the_recorded_branc
     assert cfg.analysis.steps == ["gap", "trajectory"]
 
 
-def test_analyses_config_enables_every_step():
+def test_make_analyses_enables_every_step():
     from dispersion.config import ANALYSIS_STEPS
 
     cfg = load_config(CONFIGS / "analyses.yaml")
-    assert all(cfg.analysis.enabled(s) for s in ANALYSIS_STEPS)
+    knnlm = load_config(CONFIGS / "knnlm.yaml")  # its own scan in `make analyses`
+    assert all(cfg.analysis.enabled(s) or knnlm.analysis.enabled(s) for s in ANALYSIS_STEPS)
+    assert not cfg.analysis.enabled("knnlm")
+    assert "knnlm" in (CONFIGS.parent / "Makefile").read_text().split("\nanalyses:", 1)[1].split("\n\n", 1)[0]
     assert "context" in cfg.extraction.pools and max(cfg.extraction.context_lengths) == cfg.sampling.segment_length
 
 

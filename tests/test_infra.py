@@ -4,6 +4,7 @@ import importlib
 import inspect
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,24 @@ def test_nightly_deployment_points_at_the_scan_flow(prefect_yaml):
     # every parameter of the deployment is a parameter of the flow
     assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
     assert dep["work_pool"]["name"] == "dispersion"
+
+
+def test_prefect_yaml_names_the_installed_prefect(prefect_yaml):
+    import prefect
+
+    assert prefect_yaml["prefect-version"] == prefect.__version__
+    pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            if d.startswith("prefect")]
+    assert pins == [f"prefect=={prefect.__version__}"]
+
+
+def test_every_flow_parameter_has_a_description(prefect_yaml):
+    from prefect.utilities.callables import parameter_schema
+
+    for dep in prefect_yaml["deployments"]:
+        schema = parameter_schema(_flow_of(dep["entrypoint"]).fn)
+        missing = [k for k, v in schema.properties.items() if not v.get("description")]
+        assert not missing, f"{dep['name']}: parameters without a description: {missing}"
 
 
 def test_nightly_config_exists_and_validates(prefect_yaml):
@@ -169,3 +188,11 @@ def test_stack_script_parses_and_rejects_unknown_commands():
     assert subprocess.run(["bash", "-n", str(script)], timeout=10).returncode == 0
     out = subprocess.run(["bash", str(script), "restart"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_artifact_keys_differ_per_root_and_are_valid():
+    from tasks.steps import artifact_key
+
+    local, s3 = artifact_key("My_Run.1", "runs/default"), artifact_key("My_Run.1", "s3://bucket/dispersion/")
+    assert local != s3 and local == artifact_key("My_Run.1", "runs/default/")
+    assert all(re.fullmatch(r"[a-z0-9-]+", k) for k in (local, s3)) and local.startswith("dispersion-my-run-1-")

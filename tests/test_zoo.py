@@ -143,7 +143,7 @@ def test_validation_loss_falls(built):
 def test_rebuild_is_a_no_op(built, caplog):
     spec, paths, _ = built
     before = _files(Path(spec.cache))
-    with caplog.at_level(logging.INFO, logger="dispersion.training.zoo"):
+    with caplog.at_level(logging.DEBUG, logger="dispersion.training.zoo"):
         t0 = time.perf_counter()
         again = zoo.build_zoo(spec, NAMES, progress=False)
         elapsed = time.perf_counter() - t0

@@ -18,8 +18,10 @@ STEP_MODULES: tuple[str, ...] = (
     "clusters",
     "heldout",
     "vendi",
+    "hardness",
     "gap",
     "trajectory",
+    "knnlm",
     "condensation",
 )
 

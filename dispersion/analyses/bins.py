@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dispersion.core.errors import DataError
 from dispersion.core.ids import revision_order
+from dispersion.core.integrity import recorded
 from dispersion.core.storage import Store
 from dispersion.measure.binning import bin_table, correlations, uniform_perplexity_bins
 from dispersion.measure.metrics import vendi_score
@@ -45,12 +45,9 @@ CORR_SCHEMA = pa.schema([
 ])
 
 
-def _read(store: Store, files: Iterable[str], columns: list[str] | None) -> pa.Table:
-    tables = []
-    for f in files:
-        with store.fs.open(store.path(f), "rb") as fh:
-            tables.append(pq.read_table(fh, columns=columns))
-    return pa.concat_tables(tables)
+def _read(store: Store, files: Iterable[str], columns: list[str] | None, checksums: dict[str, str]) -> pa.Table:
+    """The shards, each checked against the checksum its marker recorded."""
+    return pa.concat_tables([store.read_shard(f, checksums.get(f), columns=columns) for f in files])
 
 
 def _target(path: str) -> tuple[str, str, str]:
@@ -71,11 +68,14 @@ def _vectors(table: pa.Table) -> np.ndarray:
 
 class Partition:
     """One (model@revision, dataset sample, spec)'s stored shards, read from exactly the files
-    its units' completion markers name; every array comes back in segment-id order."""
+    its units' completion markers name, each checked against the checksum its marker recorded
+    (a damaged one raises :class:`~dispersion.core.errors.IntegrityError`); every array comes
+    back in segment-id order."""
 
     def __init__(self, store: Store, key: dict[str, str], markers: list[dict]):
         self.store, self.key, self.markers = store, key, markers
-        feats = _read(store, [m["features"] for m in markers], None)
+        self.checksums = recorded(markers)
+        feats = _read(store, [m["features"] for m in markers], None, self.checksums)
         self._order = np.argsort(feats.column("segment_id").to_numpy())
         self.features = feats.take(pa.array(self._order))
         self.segment_ids = self.features.column("segment_id").to_numpy()
@@ -94,7 +94,7 @@ class Partition:
         files = self.targets.get((layer, site, pool))
         if not files:
             raise DataError(f"vectors of {self.key}: layer {layer} site {site} pool {pool} was not extracted")
-        tab = _read(self.store, files, ["segment_id", "vec", "within"])
+        tab = _read(self.store, files, ["segment_id", "vec", "within"], self.checksums)
         order = np.argsort(tab.column("segment_id").to_numpy())
         if not np.array_equal(tab.column("segment_id").to_numpy()[order], self.segment_ids):
             raise DataError(f"{files[0]}: vectors and features of {self.key} cover different segments")

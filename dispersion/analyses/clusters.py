@@ -52,7 +52,7 @@ from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.core.config import LayerRef, Site, Strict
 from dispersion.core.errors import ConfigError, DataError, ModelError, NonFiniteError
 from dispersion.measure.metrics import cluster_dispersion
-from dispersion.report.figures import png_of
+from dispersion.report.figures import Figure, category_colors, write_figure
 from dispersion.report.markdown import md_table
 
 __all__ = [
@@ -649,18 +649,15 @@ def run_clusters(models: Sequence[tuple[str, Any, str | None]], token_docs: Sequ
 # --------------------------------------------------------------------------- #
 # plot
 # --------------------------------------------------------------------------- #
-def plot_clusters(table: pa.Table, path: str | os.PathLike, *, layer: str | None = None,
-                  site: str | None = None) -> Path:
-    """PNG like paper 001 Fig. 7: within- (left) and between-cluster (right) cosine distance vs
-    training step, one line per model, with the training loss (dashed) on a twin axis.
+def figure_clusters(table: pa.Table, *, layer: str | None = None, site: str | None = None) -> bytes:
+    """Like paper 001 Fig. 7: within- (left) and between-cluster (right) cosine distance vs
+    training step, one line per model, and the training loss (dashed) on a twin axis. PNG
+    bytes with the same figure as SVG (:class:`dispersion.report.figures.FigureBytes`).
 
     ``layer``/``site`` default to ``final``/``block`` when present, else the table's first row.
     Revisions without a step number are placed by their order in the table.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = table.to_pylist()
     if not rows:
@@ -673,42 +670,47 @@ def plot_clusters(table: pa.Table, path: str | os.PathLike, *, layer: str | None
     if not rows:
         raise DataError(f"{FIELD}.layer: no rows for layer {layer!r} site {site!r}")
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colors = matplotlib.colormaps["tab10"]
-    for ax, metric, title in ((axes[0], "within", "within-cluster distance"),
-                              (axes[1], "between", "between-cluster distance")):
-        twin = ax.twinx()
-        has_loss = False
-        for i, m in enumerate(models):
+    colors = category_colors(models)
+    fig = Figure(1, 2, width=4.2, height=3.0)
+    has_loss = False
+    for col, (metric, title) in enumerate((("within", "within-cluster distance"),
+                                           ("between", "between-cluster distance"))):
+        ax = fig.ax(0, col)
+        twin = fig.twin(ax)
+        loss_here = False
+        for m in models:
             mr = [r for r in rows if r["model"] == m]
             xs = [r["step"] if r["step"] is not None else j for j, r in enumerate(mr)]
             order = np.argsort(xs, kind="stable")
             x = [xs[j] for j in order]
-            ax.plot(x, [mr[j][metric] for j in order], "o-", color=colors(i % 10), lw=1.5, ms=4, label=m)
+            ax.plot(x, [mr[j][metric] for j in order], "o-", color=colors[m], lw=1.5, ms=4, label=m)
             loss = [mr[j]["train_loss"] for j in order]
             if any(v is not None for v in loss):
-                has_loss = True
-                twin.plot(x, [np.nan if v is None else v for v in loss], "s--", color=colors(i % 10),
-                          lw=1, ms=3, alpha=0.6, label=f"{m} train loss")
-        ax.set_title(f"{title} ({layer}/{site})", fontsize=9)
-        ax.set_xlabel("training step", fontsize=8)
-        ax.set_ylabel("avg cosine distance", fontsize=8)
-        ax.tick_params(labelsize=7)
-        twin.tick_params(labelsize=7)
-        if has_loss:
-            twin.set_ylabel("training loss (dashed)", fontsize=8)
+                loss_here = True
+                twin.plot(x, [np.nan if v is None else v for v in loss], "s--", color=colors[m],
+                          lw=1, ms=3, alpha=0.6)
+        has_loss = has_loss or loss_here
+        fig.style(ax, f"{title} ({layer}/{site})", "training step", "avg cosine distance")
+        if loss_here:
+            twin.set_ylabel("training loss (dashed)")
         else:
             twin.set_yticks([])
-        ax.legend(fontsize=7, loc="upper left")
+    handles = [Line2D([], [], color=colors[m], marker="o", ms=4, lw=1.5) for m in models]
+    labels = list(models)
+    if has_loss:
+        handles.append(Line2D([], [], color="grey", marker="s", ms=3, lw=1, ls="--", alpha=0.8))
+        labels.append("training loss (right axis)")
+    fig.legend(handles=handles, labels=labels)
     r0 = rows[0]
-    fig.suptitle(f"{r0['n_clusters']} clusters of {r0['n']}-gram contexts "
-                 f"({r0['n_occurrences']} contexts, T={r0['context']}, anchor={r0['anchor']})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return fig.render(f"{r0['n_clusters']} clusters of {r0['n']}-gram contexts "
+                      f"({r0['n_occurrences']} contexts, T={r0['context']}, anchor={r0['anchor']})")
+
+
+def plot_clusters(table: pa.Table, path: str | os.PathLike, *, layer: str | None = None,
+                  site: str | None = None) -> Path:
+    """:func:`figure_clusters` written to ``path`` (PNG; SVG when it ends in ``.svg``)."""
+    write_figure(figure_clusters(table, layer=layer, site=site), path)
+    return Path(path)
 
 
 # -- the step ------------------------------------------------------
@@ -742,7 +744,7 @@ def run(ctx: StepContext) -> Section:
                                        dataset=ds.name, dtype=resolve_dtype(mr.dtype, device),
                                        device=cfg.extraction.device, batch_size=cfg.extraction.batch_size))
     table = pa.concat_tables(tables)
-    return STEP.section(tables={"clusters": table}, figures={"clusters": png_of(plot_clusters, table)},
+    return STEP.section(tables={"clusters": table}, figures={"clusters": figure_clusters(table)},
                    markdown=md_table(table, ["model", "revision", "layer", "n_clusters", "n_occurrences", "within",
                                               "between", "ratio", "train_loss"], 60))
 

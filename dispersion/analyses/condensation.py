@@ -76,7 +76,7 @@ def run(ctx: StepContext) -> Section:
         seqs: list = []
         for k in range(len(unit.segments.shard_rows)):
             seqs += [np.asarray(t, np.int64) for t in
-                     ctx.store.read_table(unit.segments.shard_rel(k)).column("token_ids").to_pylist()]
+                     unit.segments.read_shard(ctx.store, k).column("token_ids").to_pylist()]
             if len(seqs) >= spec.num_sequences:
                 break
         return seqs
@@ -100,7 +100,7 @@ def run(ctx: StepContext) -> Section:
             raise ConfigError("analysis.condensation.zoo_models: needs a zoo model among the scanned models "
                               "(its segments are in the zoo tokenizer)")
         seqs = sequences(unit)
-        build_zoo(cfg.zoo, list(spec.zoo_models), progress=False)
+        build_zoo(cfg.zoo, list(spec.zoo_models), progress=True)  # a bar on a terminal, timed lines elsewhere
         for name in spec.zoo_models:
             for rev in compared_revisions(zoo_revisions(cfg.zoo.cache, name), cfg.analysis.compare_revisions):
                 src = resolve_source(str(zoo_model_dir(cfg.zoo.cache, name)), rev)

@@ -73,28 +73,32 @@ def context_analysis(store: Store, units: Iterable, context_lengths: list[int], 
 
 
 def plot_context(bins: pa.Table, *, alignment: str = "segment") -> bytes:
-    """PNG like Fig. 4: one panel per context length (columns) and model x dataset (rows);
-    x = bin mean last-token perplexity (log), y = dispersion of last-token states; one line
-    per revision."""
-    from dispersion.report.figures import Figure, revision_colors, rows_of
+    """PNG (with its SVG) like Fig. 4: one panel per context length (columns) and model x
+    dataset (rows); x = bin mean last-token perplexity (log), y = dispersion of last-token
+    states; one line per revision with its Spearman rho, p and n."""
+    from dispersion.report.figures import Figure, revision_colors, rows_of, spearman
 
     t = rows_of(bins, alignment=alignment)
     contexts = sorted({r["context"] for r in t})
     panels = sorted({(r["model"], r["dataset"]) for r in t})
+    colors = revision_colors({r["revision"] for r in t})
     fig = Figure(len(panels), len(contexts))
     for i, (model, ds) in enumerate(panels):
         sub = [r for r in t if r["model"] == model and r["dataset"] == ds]
-        colors = revision_colors({r["revision"] for r in sub})
         for j, c in enumerate(contexts):
             ax = fig.ax(i, j)
+            rhos = []
             for rev, color in colors.items():
                 pts = sorted((r["mean_ppl"], r["dispersion"]) for r in sub
                              if r["revision"] == rev and r["context"] == c)
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, lw=1, color=color, label=rev)
+                    rhos.append((None, color, spearman(*zip(*pts))))
             fig.style(ax, f"{model} · {ds} · c={c}", "bin mean last-token perplexity",
-                      "avg pairwise cosine distance", logx=True, legend=j == 0)
-    return fig.png(f"Last-token perplexity vs dispersion at context lengths ({alignment} alignment)")
+                      "avg pairwise cosine distance", logx=True)
+            fig.annotate(ax, rhos)
+    fig.legend("revision")
+    return fig.render(f"Last-token perplexity vs dispersion at context lengths ({alignment} alignment)")
 
 
 # -- the step ------------------------------------------------------

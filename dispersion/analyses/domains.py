@@ -9,29 +9,34 @@ import pyarrow.compute as pc
 
 from dispersion.analyses.bins import last_revisions, scope_pool_panels
 from dispersion.analyses.registry import Section, Step, StepContext
-from dispersion.report.figures import Figure, revision_colors, rows_of
+from dispersion.report.figures import Figure, category_colors, rows_of, spearman
 from dispersion.report.markdown import md_table
 
 
 def plot_domains(bins: pa.Table, *, layer: str, site: str) -> bytes:
-    """Grid: datasets (columns) x (scope, pool) (rows), one line per model."""
+    """Grid: datasets (columns) x (scope, pool) (rows), one line per model at its last
+    revision with its Spearman rho, p and n. PNG (with its SVG)."""
     datasets = sorted(set(bins["dataset"].to_pylist()))
     panels = scope_pool_panels(bins, layer, site)
     final = last_revisions(bins)
-    colors = revision_colors(final, cmap="tab10")
+    colors = category_colors(sorted(final))
     fig = Figure(len(panels), len(datasets))
     for i, (scope, pool) in enumerate(panels):
         for j, ds in enumerate(datasets):
             ax = fig.ax(i, j)
+            rhos = []
             for model, rev in sorted(final.items()):
                 pts = sorted((r["mean_ppl"], r["dispersion"]) for r in rows_of(
                     bins, model=model, revision=rev, dataset=ds, layer=layer, site=site, scope=scope, pool=pool))
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, lw=1, color=colors[model], label=f"{model}@{rev}")
+                    rhos.append((None, colors[model], spearman(*zip(*pts))))
             fig.style(ax, f"{ds} · {scope} · {pool}", "bin mean perplexity",
                       "avg pairwise cosine distance" if scope == "across" else "within-segment dispersion",
-                      logx=True, legend=j == 0)
-    return fig.png(f"Perplexity vs dispersion across models and domains (layer {layer}, site {site})")
+                      logx=True)
+            fig.annotate(ax, rhos)
+    fig.legend("model@revision")
+    return fig.render(f"Perplexity vs dispersion across models and domains (layer {layer}, site {site})")
 
 
 # -- the step ------------------------------------------------------

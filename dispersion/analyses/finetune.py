@@ -9,7 +9,6 @@ import pyarrow as pa
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.core.errors import ConfigError
 from dispersion.core.ids import digest
-from dispersion.report.figures import png_of
 from dispersion.report.markdown import md_table
 from dispersion.training.finetune import FinetuneSpec
 
@@ -26,9 +25,9 @@ def run(ctx: StepContext) -> Section:
     from dispersion.training.finetune import (
         base_source,
         dispersion_before_after,
+        figure_finetune,
         finetune,
         parse_finetune_spec,
-        plot_finetune,
     )
 
     cfg = ctx.config
@@ -57,7 +56,7 @@ def run(ctx: StepContext) -> Section:
                                               pool=cfg.analysis.pool, seed=cfg.sampling.seed,
                                               batch_size=cfg.extraction.batch_size, device=cfg.extraction.device))
     table = pa.concat_tables(tables)
-    return STEP.section(tables={"finetune": table}, figures={"finetune": png_of(plot_finetune, table)},
+    return STEP.section(tables={"finetune": table}, figures={"finetune": figure_finetune(table)},
                    markdown=md_table(table, ["model", "method", "domain", "role", "checkpoint", "ppl", "dispersion",
                                               "within"]))
 

@@ -50,7 +50,7 @@ from dispersion.core.errors import DataError, ModelError
 from dispersion.core.ids import step_of
 from dispersion.measure.metrics import GapResult, dispersion_gap
 from dispersion.measure.modeling import ModelSource, load_model, load_tokenizer, resolve_source, text_config
-from dispersion.report.figures import png_of
+from dispersion.report.figures import Figure, category_colors, write_figure
 from dispersion.report.markdown import md_table
 
 __all__ = [
@@ -581,44 +581,44 @@ _BARS = (("within", "within(T)"), ("reference_within", "within(T̄)"), ("between
          ("gap", "gap G"))
 
 
-def plot_gap(table: pa.Table, path: str | os.PathLike, *, domains: Sequence[str] | None = None) -> Path:
+def figure_gap(table: pa.Table, *, domains: Sequence[str] | None = None) -> bytes:
     """Bar chart per model (model@revision): within(T), within(T̄), between and G (cf. Fig. 9),
-    one panel per metric (columns) and domain set (rows), with the SE as error bars. PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    one panel per metric (columns) and domain set (rows), with the SE as error bars. PNG
+    bytes with the same figure as SVG (:class:`dispersion.report.figures.FigureBytes`)."""
     data = table.to_pylist()
     if not data:
         raise DataError("plot_gap: the gap table is empty")
     doms = list(domains) if domains else list(dict.fromkeys(r["domain"] for r in data))
     metrics = list(dict.fromkeys(r["metric"] for r in data))
-    fig, axes = plt.subplots(len(doms), len(metrics), figsize=(max(5.0, 4.5 * len(metrics)), 3.6 * len(doms)),
-                             squeeze=False)
+    n_bars = len(dict.fromkeys((r["model"], r["revision"]) for r in data))
+    fig = Figure(len(doms), len(metrics), width=max(3.4, 0.5 * n_bars + 1.2), height=2.6 if n_bars <= 3 else 3.0)
+    colors = category_colors([legend for _, legend in _BARS])
     for i, dom in enumerate(doms):
         for j, metric in enumerate(metrics):
-            ax = axes[i][j]
+            ax = fig.ax(i, j)
             rows = [r for r in data if r["domain"] == dom and r["metric"] == metric]
             labels = [r["model"] if r["revision"] == "main" else f"{r['model']}@{r['revision']}" for r in rows]
             x = np.arange(len(rows))
             w = 0.8 / len(_BARS)
             for k, (col, legend) in enumerate(_BARS):
                 err = [r.get(f"{col}_se") for r in rows] if col != "gap" else None
-                ax.bar(x + (k - 1.5) * w, [r[col] for r in rows], w, label=legend,
-                       yerr=None if err is None or any(e is None for e in err) else err, capsize=2)
+                ax.bar(x + (k - 1.5) * w, [r[col] for r in rows], w, label=legend, color=colors[legend],
+                       yerr=None if err is None or any(e is None for e in err) else err, capsize=1.5,
+                       error_kw={"elinewidth": 0.6, "ecolor": "#333333"})
             ref = rows[0]["reference"] if rows else ""
-            ax.set_title(f"{dom} vs {ref} ({metric})", fontsize=10)
-            ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel(f"mean {metric} distance", fontsize=9)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=len(_BARS), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+            if len(rows) > 3:
+                ax.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor")
+            else:
+                ax.set_xticks(x, labels)
+            fig.style(ax, f"{dom} vs {ref} ({metric})", "", f"mean {metric} distance")
+    fig.legend("T = domain words, T̄ = reference words; error bars: SE")
+    return fig.render("Dispersion gap G of domain word sets against a reference set (cf. paper 001 Fig. 9)")
+
+
+def plot_gap(table: pa.Table, path: str | os.PathLike, *, domains: Sequence[str] | None = None) -> Path:
+    """:func:`figure_gap` written to ``path`` (PNG; SVG when it ends in ``.svg``)."""
+    write_figure(figure_gap(table, domains=domains), path)
+    return Path(path)
 
 
 # -- the step ------------------------------------------------------
@@ -648,7 +648,7 @@ def run(ctx: StepContext) -> Section:
     rho = pa.Table.from_pylist(rho_rows, schema=pa.schema([
         ("task", pa.string()), ("domain", pa.string()), ("metric", pa.string()), ("n", pa.int64()),
         ("spearman_r", pa.float64()), ("spearman_p", pa.float64())]))
-    png = png_of(plot_gap, table)
+    png = figure_gap(table)
     return STEP.section(tables={"gap": table, "gap_rank": ranks, "gap_spearman": rho}, figures={"gap": png},
                    markdown=md_table(table, ["model", "revision", "domain", "metric", "within", "reference_within",
                                               "between", "gap"], 60) + "\n" +

@@ -10,7 +10,7 @@ import pyarrow as pa
 from dispersion.analyses.bins import last_revisions, scope_pool_panels
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.core.errors import ConfigError
-from dispersion.report.figures import Figure, rows_of
+from dispersion.report.figures import Figure, category_colors, rows_of, spearman
 from dispersion.report.markdown import md_table
 
 HELDOUT_SCHEMA = pa.schema([
@@ -56,25 +56,30 @@ def heldout_table(bins: pa.Table, corr: pa.Table, pairs: dict[str, dict[str, str
 
 
 def plot_heldout(bins: pa.Table, pairs: dict[str, dict[str, str]], *, layer: str, site: str) -> bytes:
-    """Like Fig. 22: per source and model (last revision), each split's bins, scope across and within."""
+    """Like Fig. 22: per source and model (last revision), each split's bins with its Spearman
+    rho, p and n, scope across and within. PNG (with its SVG)."""
     final = last_revisions(bins)
     panels = [(s, m) for s in sorted(pairs) for m in sorted(final)]
     scopes = scope_pool_panels(bins, layer, site)
     fig = Figure(len(panels), len(scopes))
-    palette = {"validation": "tab:blue", "test": "tab:orange", "train": "tab:green"}
+    palette = category_colors(["validation", "test", "train"])
     for i, (source, model) in enumerate(panels):
         for j, (scope, pool) in enumerate(scopes):
             ax = fig.ax(i, j)
+            rhos = []
             for split, ds in sorted(pairs[source].items()):
                 pts = sorted((r["mean_ppl"], r["dispersion"]) for r in rows_of(
                     bins, model=model, revision=final[model], dataset=ds, layer=layer, site=site, scope=scope,
                     pool=pool))
                 if pts:
-                    ax.plot(*zip(*pts), "o-", ms=3, lw=1, color=palette.get(split, "grey"),
-                            label=f"{split} ({ds})")
-            fig.style(ax, f"{source} · {model}@{final[model]} · {scope} · {pool}", "bin mean perplexity",
-                      "dispersion", logx=True)
-    return fig.png(f"Held-out check: validation vs test splits (layer {layer})")
+                    color = palette.get(split, "grey")
+                    ax.plot(*zip(*pts), "o-", ms=3, lw=1, color=color, label=f"{split} ({ds})")
+                    rhos.append((None, color, spearman(*zip(*pts))))
+            fig.style(ax, f"{source} · {model}@{final[model]}\n{scope} · {pool}", "bin mean perplexity",
+                      "avg pairwise cosine distance" if scope == "across" else "within-segment dispersion", logx=True)
+            fig.annotate(ax, rhos)
+    fig.legend("split (dataset)")
+    return fig.render(f"Held-out check: validation vs test splits (layer {layer})")
 
 
 # -- the step ------------------------------------------------------

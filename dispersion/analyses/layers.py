@@ -62,41 +62,77 @@ def compared_revisions(revisions: list[str], chosen: list[str] | None = None) ->
 
 def plot_layers(bins: pa.Table, layers: pa.Table, *, scope: str = "across", pool: str = "last",
                 revisions: list[str] | None = None) -> bytes:
-    """PNG like Fig. 5, one row per (model, dataset): dispersion across perplexity bins with
-    one line per layer, for the initial and the trained checkpoint, and the Spearman
-    correlation per layer of both."""
+    """PNG (with its SVG) like Fig. 5, one row per (model, dataset): dispersion across
+    perplexity bins with one line per layer (coloured by depth), for the initial and the
+    trained checkpoint (one panel for a model with a single revision), and the Spearman
+    correlation per layer of both (filled markers: p < 0.05)."""
     import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
 
     pool = pool if scope == "across" else "tokens"
     lt = rows_of(layers, scope=scope, pool=pool)
     panels = sorted({(r["model"], r["dataset"]) for r in lt})
-    fig = Figure(len(panels), 3)
+    compared = {p: compared_revisions([r["revision"] for r in lt if (r["model"], r["dataset"]) == p], revisions)[:2]
+                for p in panels}
+    n_line = max((len(v) for v in compared.values()), default=1)
+    fig = Figure(len(panels), n_line + 1)
+    colors = revision_colors({rev for v in compared.values() for rev in v})
+    depth_map = matplotlib.colormaps["plasma"]
+    max_depth = max((r["depth"] for r in lt), default=1)
+    norm = Normalize(0, max(max_depth, 1))
+    line_axes = []
     for i, (model, ds) in enumerate(panels):
         sub = [r for r in lt if r["model"] == model and r["dataset"] == ds]
-        revs = compared_revisions([r["revision"] for r in sub], revisions)
+        revs = compared[(model, ds)]
         order = sorted({(r["depth"], r["layer"]) for r in sub})
-        cmap = matplotlib.colormaps["plasma"]
-        for j, rev in enumerate(revs[:2]):
+        for j in range(n_line):
             ax = fig.ax(i, j)
-            for k, (_, layer) in enumerate(order):
+            if j >= len(revs):
+                fig.off(ax)
+                continue
+            rev = revs[j]
+            for d, layer in order:
                 pts = sorted((r["mean_ppl"], r["dispersion"]) for r in rows_of(
                     bins, model=model, dataset=ds, revision=rev, layer=layer, scope=scope, pool=pool))
                 if pts:
-                    ax.plot(*zip(*pts), "-", lw=1, color=cmap(k / max(len(order) - 1, 1)), label=f"layer {layer}")
-            fig.style(ax, f"{model} · {ds} · {rev}", "bin mean perplexity", f"dispersion ({scope})",
-                      logx=True, legend=j == 0)
-        ax = fig.ax(i, 2)
-        colors = revision_colors({r["revision"] for r in sub})
+                    ax.plot(*zip(*pts), "-", lw=0.9, color=depth_map(norm(d) * 0.9))
+            fig.style(ax, f"{model} · {ds} · {rev}", "bin mean perplexity", f"dispersion ({scope})", logx=True)
+            line_axes.append(ax)
+        ax = fig.ax(i, n_line)
         for rev in revs:
-            pts = sorted((r["depth"], r["spearman_r"]) for r in sub
-                         if r["revision"] == rev and r["spearman_r"] is not None)
-            if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, color=colors[rev], label=rev)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xticks([d for d, _ in order], [lay for _, lay in order], fontsize=6)
-        fig.style(ax, f"{model} · {ds}: Spearman ρ per layer", "layer (final = after final norm)",
+            by_depth = sorted((r["depth"], r["spearman_r"], r["spearman_p"]) for r in sub
+                              if r["revision"] == rev and r["spearman_r"] is not None)
+            if by_depth:
+                x, y, p = (np.array([pt[k] for pt in by_depth], dtype=np.float64) for k in range(3))
+                ax.plot(x, y, "-", lw=1, color=colors[rev], label=rev)
+                sig = np.nan_to_num(p, nan=1.0) < 0.05
+                ax.plot(x[sig], y[sig], "o", ms=3.5, color=colors[rev], label="_")
+                ax.plot(x[~sig], y[~sig], "o", ms=3.5, mfc="white", mec=colors[rev], label="_")
+        ax.axhline(0, color="grey", lw=0.6)
+        step = max(1, -(-len(order) // 9))
+        shown = [o for k, o in enumerate(order) if k % step == 0 or o[1] == "final"]
+        if len(shown) > 1 and shown[-1][1] == "final" and shown[-1][0] - shown[-2][0] < step:
+            shown.pop(-2)  # keep "final" clear of its neighbour
+        ax.set_xticks([d for d, _ in shown], [lay for _, lay in shown])
+        ax.set_ylim(-1.05, 1.05)
+        n_bins = "/".join(map(str, sorted({r["n_bins"] for r in sub})))
+        fig.style(ax, f"{model} · {ds}\nSpearman ρ per layer (n = {n_bins} bins)", "layer (final = after final norm)",
                   "Spearman ρ (perplexity, dispersion)")
-    return fig.png(f"Layer-wise perplexity vs dispersion ({scope}, pool {pool})")
+    if line_axes:
+        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=matplotlib.colors.ListedColormap(
+            depth_map(np.linspace(0, 0.9, 256)))), line_axes, "layer (0 = embeddings)", shrink=0.6)
+        named = sorted({(r["depth"], r["layer"]) for r in lt})
+        step = max(1, -(-len(named) // 10))
+        named = [o for k, o in enumerate(named) if k % step == 0 or o[1] == "final"]
+        cb.set_ticks([d for d, _ in named], labels=[lay for _, lay in named])
+    marks = [Line2D([], [], ls="none", marker="o", ms=4, color="grey", label="p < 0.05"),
+             Line2D([], [], ls="none", marker="o", ms=4, mfc="white", mec="grey", label="p ≥ 0.05")]
+    fig.legend("revision (ρ panel)", handles=[*(Line2D([], [], color=c, lw=1.2, marker="o", ms=3.5)
+                                                for c in colors.values()), *marks],
+               labels=[*colors, "p < 0.05", "p ≥ 0.05"])
+    return fig.render(f"Layer-wise perplexity vs dispersion ({scope}, pool {pool})")
 
 
 # -- the step ------------------------------------------------------

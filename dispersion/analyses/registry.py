@@ -12,8 +12,8 @@ user typed) and the step table of docs/ANALYSES.md.
 
 ``run(ctx)`` reads the scan's stored shards or the main tables (``bins``, ``correlations``)
 and returns a :class:`Section`: tables (published as ``results/{table}/{run}.parquet``, one
-DuckDB view each), figures (``results/report/{run}/{name}.png``) and a markdown section for
-the report.
+DuckDB view each), figures (``results/report/{run}/{name}.png``, the same figure as ``.svg``
+beside it) and a markdown section for the report.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from pydantic import Field
 
 from dispersion.core.config import LayerRef, Pool, ScanConfig, Site, Strict
 from dispersion.core.errors import ConfigError
-from dispersion.core.layout import figure_path, result_path
+from dispersion.core.layout import figure_path, result_path, section_path
 from dispersion.core.storage import Store
+from dispersion.report.figures import figure_files
 
 
 class AnalysisOptions(Strict):
@@ -87,7 +88,7 @@ class Section:
     title: str
     paper: str
     tables: dict[str, pa.Table] = field(default_factory=dict)
-    figures: dict[str, bytes] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)  # PNG bytes (FigureBytes: with .svg)
     markdown: str = ""
 
 
@@ -175,10 +176,26 @@ def run_steps(registry: Mapping[str, Step], ctx: StepContext, only: list[str] | 
 
 
 def publish_section(store: Store, run: str, section: Section) -> None:
+    """The section's tables, figures and rendered markdown (so a later ``analyze`` of other
+    steps keeps this section in the report)."""
+    from dispersion.report.markdown import sections_markdown
+
+    store.write_text(section_path(run, section.name), sections_markdown(run, [section]))
     for table_name, table in section.tables.items():
         store.write_table(result_path(table_name, run), table)
-    for fig_name, png in section.figures.items():
-        store.write_bytes(figure_path(run, fig_name), png)
+    for fig_name, figure in section.figures.items():
+        for ext, data in figure_files(figure).items():  # the PNG, and its SVG beside it
+            store.write_bytes(figure_path(run, fig_name, ext), data)
+
+
+def report_sections(registry: Mapping[str, Step], store: Store, run: str) -> str:
+    """Every stored section of ``run`` (this call's steps and earlier ones), in report order."""
+    parts = []
+    for name in registry:
+        rel = section_path(run, name)
+        if store.exists(rel):
+            parts.append(store.read_bytes(rel).decode("utf-8"))
+    return "\n".join(parts)
 
 
 def steps_markdown(registry: Mapping[str, Step]) -> str:

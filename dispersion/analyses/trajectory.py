@@ -18,6 +18,7 @@ import pyarrow as pa
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.analyses.scores import scores_table
 from dispersion.core.ids import revision_order, step_of
+from dispersion.core.integrity import recorded
 from dispersion.core.storage import Store
 from dispersion.measure.metrics import cosine_dispersion
 from dispersion.report.figures import Figure
@@ -41,10 +42,11 @@ def trajectory(store: Store, units, *, layer: str, site: str, pool: str) -> pa.T
         groups.setdefault((u.mr.model, u.mr.revision, u.segments.dataset), []).append(store.read_json(u.marker_rel))
     rows = []
     for (model, revision, dataset), markers in groups.items():
-        feats = pa.concat_tables([store.read_table(m["features"]) for m in markers])
+        sums = recorded(markers)
+        feats = pa.concat_tables([store.read_shard(m["features"], sums.get(m["features"])) for m in markers])
         want = f"layer={layer}/site={site}/pool={pool}/"
         files = [f for m in markers for f in m["vectors"] if want in f]
-        vec_tab = pa.concat_tables([store.read_table(f) for f in files]) if files else None
+        vec_tab = pa.concat_tables([store.read_shard(f, sums.get(f)) for f in files]) if files else None
         disp = within = float("nan")
         if vec_tab is not None:
             col = vec_tab.column("vec").combine_chunks()
@@ -99,29 +101,71 @@ def spearman_over_trajectory(rows: list[dict], scores: pa.Table) -> pa.Table:
 
 
 def plot_trajectory(rows: list[dict], scores: pa.Table) -> bytes:
-    """Per model: dispersion, within-segment dispersion and gaps along the checkpoints (by step),
-    with each task's score on a twin axis."""
+    """One row of panels per model along its checkpoints (by step), one quantity per panel:
+    cosine dispersion and within-segment dispersion (a line per dataset), the gaps (a line per
+    domain; cosine and Euclidean apart) and each task's score. Each geometry line carries its
+    Spearman rho, p and n against the first task's score over the checkpoints (the
+    ``trajectory_spearman`` table). PNG (with its SVG)."""
+    from matplotlib.lines import Line2D
+
+    from dispersion.report.figures import Rho, category_colors
+
     models = sorted({r["model"] for r in rows})
     datasets = sorted({r["dataset"] for r in rows})
-    fig = Figure(len(models), len(datasets))
     score_rows = scores.to_pylist()
+    tasks = sorted({s["task"] for s in score_rows if s["model"] in models})
+    gaps = sorted({k for r in rows for k in r if k.startswith("gap_") and r[k] is not None})
+    metrics = sorted({g.rsplit("_", 1)[1] for g in gaps})
+    domains = sorted({g[len("gap_"):].rsplit("_", 1)[0] for g in gaps})
+    panels = ([("dispersion", "dispersion", "avg pairwise cosine distance"),
+               ("within", "within-segment", "within-segment dispersion")]
+              + [(f"gap:{m}", f"gap G ({m})", f"gap G ({m} distance)") for m in metrics]
+              + [(f"task:{t}", t, f"score: {t}") for t in tasks])
+    colors = category_colors([*datasets, *domains])
+    rho = {(r["model"], r["dataset"], r["measure"]): Rho(r["spearman_r"], r["spearman_p"], r["n_checkpoints"])
+           for r in spearman_over_trajectory(rows, scores).to_pylist() if tasks and r["task"] == tasks[0]}
+    fig = Figure(len(models), len(panels), width=3.0, height=2.5)
     for i, model in enumerate(models):
-        for j, ds in enumerate(datasets):
+        sub = sorted((r for r in rows if r["model"] == model), key=lambda r: revision_order(r["revision"]))
+        revs = list(dict.fromkeys(r["revision"] for r in sub))  # without a step: placed by their order
+        at = {rev: next((r["step"] for r in sub if r["revision"] == rev and r["step"] is not None), k)
+              for k, rev in enumerate(revs)}
+        for j, (key, label, ylabel) in enumerate(panels):
             ax = fig.ax(i, j)
-            sub = sorted((r for r in rows if r["model"] == model and r["dataset"] == ds),
-                         key=lambda r: revision_order(r["revision"]))
-            x = [r["step"] if r["step"] is not None else k for k, r in enumerate(sub)]
-            names = ["dispersion", "within"] + sorted({k for r in sub for k in r if k.startswith("gap_")})
-            for name in names:
-                ax.plot(x, [r.get(name, np.nan) for r in sub], "o-", ms=3, lw=1, label=name)
-            ax2 = ax.twinx()
-            for task in sorted({s["task"] for s in score_rows if s["model"] == model}):
+            notes = []
+            if key in ("dispersion", "within"):
+                for ds in datasets:
+                    pts = [(at[r["revision"]], r[key]) for r in sub if r["dataset"] == ds]
+                    if pts:
+                        ax.plot(*zip(*pts), "o-", ms=3.5, lw=1.2, color=colors[ds], label=f"dataset {ds}")
+                        notes.append((None, colors[ds], rho.get((model, ds, key))))
+            elif key.startswith("gap:"):
+                metric = key[4:]
+                first = [r for r in sub if r["dataset"] == datasets[0]]  # a gap is per model@revision
+                for dom in domains:
+                    col = f"gap_{dom}_{metric}"
+                    pts = [(at[r["revision"]], r[col]) for r in first if r.get(col) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), "s-", ms=3.5, lw=1.2, color=colors[dom], label=f"gap domain {dom}")
+                        notes.append((None, colors[dom], rho.get((model, datasets[0], col))))
+            else:
+                task = key[5:]
                 sc = {s["revision"]: s["score"] for s in score_rows if s["model"] == model and s["task"] == task}
-                ax2.plot(x, [sc.get(r["revision"], np.nan) for r in sub], "k--", lw=1, label=task)
-                ax2.set_ylabel(task, fontsize=8)
-            ax2.tick_params(labelsize=7)
-            fig.style(ax, f"{model} · {ds}", "training step", "dispersion / gap")
-    return fig.png("Checkpoint trajectories: geometry vs score")
+                pts = [(at[r["revision"]], sc[r["revision"]]) for r in sub
+                       if r["dataset"] == datasets[0] and r["revision"] in sc]
+                if pts:
+                    ax.plot(*zip(*pts), "D-", ms=3.5, lw=1.2, color="black")
+            fig.style(ax, f"{model} · {label}", "training step", ylabel)
+            fig.annotate(ax, notes)
+    handles = [Line2D([], [], color=colors[d], marker="o", ms=3.5, lw=1.2) for d in datasets]
+    handles += [Line2D([], [], color=colors[d], marker="s", ms=3.5, lw=1.2) for d in domains]
+    labels = [f"dataset {d}" for d in datasets] + [f"gap domain {d}" for d in domains]
+    if tasks:
+        handles.append(Line2D([], [], color="black", marker="D", ms=3.5, lw=1.2))
+        labels.append("score (last column)")
+    title = f"ρ, p, n: Spearman against {tasks[0]} over the checkpoints" if tasks else None
+    fig.legend(title, handles=handles, labels=labels)
+    return fig.render("Checkpoint trajectories: geometry vs score")
 
 
 # -- the step ------------------------------------------------------

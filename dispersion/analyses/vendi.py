@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from dispersion.analyses.bins import last_revisions
 from dispersion.analyses.registry import Section, Step, StepContext
 from dispersion.measure.binning import correlations
-from dispersion.report.figures import Figure, rows_of
+from dispersion.report.figures import Figure, rows_of, spearman
 from dispersion.report.markdown import md_table
 
 VENDI_SCHEMA = pa.schema([
@@ -47,25 +47,32 @@ def vendi_table(bins: pa.Table) -> pa.Table:
 
 def plot_vendi(bins: pa.Table, *, layer: str, site: str, pool: str) -> bytes:
     """Per (model, dataset) at the last revision: cosine dispersion (left axis) and Vendi score
-    (right axis) against bin mean perplexity."""
+    (right axis) against bin mean perplexity, each with its Spearman rho, p and n. PNG (with
+    its SVG)."""
     final = last_revisions(bins)
     datasets = sorted(set(bins["dataset"].to_pylist()))
-    fig = Figure(len(final), len(datasets))
+    fig = Figure(len(final), len(datasets), width=3.8)
+    disp_color, vendi_color = "#1f77b4", "#d62728"
     for i, (model, rev) in enumerate(sorted(final.items())):
         for j, ds in enumerate(datasets):
             ax = fig.ax(i, j)
             rs = sorted(rows_of(bins, model=model, revision=rev, dataset=ds, layer=layer, site=site,
                                 scope="across", pool=pool), key=lambda r: r["mean_ppl"])
             rs = [r for r in rs if r["vendi"] is not None]
-            if rs:
-                x = [r["mean_ppl"] for r in rs]
-                ax.plot(x, [r["dispersion"] for r in rs], "o-", ms=3, color="tab:blue", label="cosine dispersion")
-                ax2 = ax.twinx()
-                ax2.plot(x, [r["vendi"] for r in rs], "s--", ms=3, color="tab:red", label="Vendi score")
-                ax2.set_ylabel("Vendi score", fontsize=8, color="tab:red")
-                ax2.tick_params(labelsize=7)
             fig.style(ax, f"{model}@{rev} · {ds}", "bin mean perplexity", "avg pairwise cosine distance", logx=True)
-    return fig.png(f"Vendi score vs cosine dispersion per bin (layer {layer}, pool {pool})")
+            if not rs:
+                continue
+            x = [r["mean_ppl"] for r in rs]
+            disp, vendi = [r["dispersion"] for r in rs], [r["vendi"] for r in rs]
+            ax.plot(x, disp, "o-", ms=3, lw=1, color=disp_color, label="cosine dispersion (left axis)")
+            ax.yaxis.label.set_color(disp_color)
+            ax2 = fig.twin(ax)
+            ax2.plot(x, vendi, "s--", ms=3, lw=1, color=vendi_color, label="Vendi score (right axis)")
+            ax2.set_ylabel("Vendi score", color=vendi_color)
+            fig.annotate(ax, [("dispersion", disp_color, spearman(x, disp)),
+                              ("Vendi", vendi_color, spearman(x, vendi))])
+    fig.legend()
+    return fig.render(f"Vendi score vs cosine dispersion per bin (layer {layer}, pool {pool})")
 
 
 # -- the step ------------------------------------------------------

@@ -16,8 +16,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from dispersion.core.errors import ConfigError
+from dispersion.core.errors import ConfigError, first_line
 from dispersion.core.ids import digest
+from dispersion.core.overrides import split_revision
 
 LayerRef = int | Literal["final", "all"]
 Site = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a hook site of dispersion.measure.sites.SITES
@@ -190,6 +191,24 @@ class ModelSpec(Strict):
     def _gguf_path(cls, v: object) -> object:
         return {"file": v} if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _id_at_revision(cls, data: object) -> object:
+        """``id: org/name@rev`` (or ``@rev1,rev2``), as the logs print it, is ``id`` plus
+        ``revisions``; a local folder whose name holds an ``@`` stays as it is."""
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str) or "@" not in data["id"]:
+            return data
+        if Path(data["id"]).exists():
+            return data
+        try:
+            ref, revisions = split_revision(data["id"])
+        except ValueError as err:
+            raise ValueError(f"id: {err}") from None
+        if "revisions" in data and data["revisions"] != revisions:
+            raise ValueError(f"id: {data['id']!r} names revisions {revisions} and 'revisions' names "
+                             f"{data['revisions']}: give them once")
+        return {**data, "id": ref, "revisions": revisions}
+
     @property
     def source_kind(self) -> str:
         """The one source field that is set: ``zoo``, ``id``, ``gguf`` or ``packaged``."""
@@ -331,10 +350,22 @@ def read_yaml(path: str | Path) -> dict:
 
     path = str(path)
     try:
-        with fsspec.open(path, "r") as fh:
-            text = fh.read()
+        with fsspec.open(path, "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except (ValueError, ImportError) as err:  # "Protocol not known: foo", a protocol's package missing
+        raise ConfigError(f"{path}: cannot open the config: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - permissions, object-store credentials, network: one line
+        raise ConfigError(f"{path}: cannot read the config: {first_line(err)}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          f"save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -19,3 +19,22 @@ class ModelError(DispersionError):
 
 class NonFiniteError(DispersionError):
     """A perplexity or hidden state came out NaN or infinite."""
+
+
+class IntegrityError(DataError):
+    """A published file is missing, unreadable or no longer matches the checksum its done
+    marker recorded. ``path`` is relative to the root; a scan recomputes the unit."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.reason}; run `dispersion scan` to recompute it "
+                f"(`dispersion verify --repair` lists every damaged file and releases its unit)")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

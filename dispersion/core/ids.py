@@ -5,7 +5,8 @@ fine-tune folder, sweep arm) are a ``digest`` of a JSON payload, so equal inputs
 keys on every machine. Three identities that stored data is keyed by keep the hash they were
 defined with, so existing roots stay valid: ``segment_id`` and the sample key
 (:mod:`dispersion.measure.sampling`) and the embedded corpus's split of documents
-(:mod:`dispersion.measure.corpus`). Files (GGUF weights) are hashed by their bytes.
+(:mod:`dispersion.measure.corpus`). Files (GGUF weights, published shards) are hashed by
+their bytes with ``checksum``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 
 _STEP = re.compile(r"(?:^|[^A-Za-z0-9])step(\d+)(?=$|[^0-9])|^step(\d+)")
 
@@ -23,6 +25,14 @@ def digest(payload: object, chars: int = 12) -> str:
         raise ValueError(f"chars must be in 1..32, got {chars}")
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()[:chars]
+
+
+def checksum(data: bytes | Iterable[bytes]) -> str:
+    """Hex blake2b-128 (32 characters) of a file's bytes, given whole or as chunks (streamed)."""
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def step_of(revision: str) -> int | None:

@@ -11,10 +11,18 @@
     {root}/_done/segments/dataset={ds}/sample={sk}.json                      (sample marker)
     {root}/_done/model={m}/.../spec={spec}/shard-{k:05d}.json                 (work-unit marker)
     {root}/results/{table}/{run}.parquet                                      (analysis tables)
-    {root}/results/report/{run}.md, {run}.png, {run}/{figure}.png             (reports, figures)
+    {root}/results/report/{run}.md, {run}.png|svg, {run}/{figure}.png|svg     (reports, figures)
     {root}/checkpoints/{run}/arm={key}/step{N}/...                            (training checkpoints)
     {root}/train_runs/{sweep}/arm={key}.parquet                               (a finished sweep arm)
     {root}/runs/{run_id}/manifest.json                                        (what a scan did)
+    {root}/_leases/model={m}/.../spec={spec}/shard-{k:05d}.json               (a unit being extracted)
+    {root}/queries/model={m}/revision={r}/queryset={q}/sample={qk}/spec={spec}/shard-{k:05d}.parquet
+        query_id, task, slice, correct, chosen, ppl, vec/{layer}/{site}/{pool}, within/{layer}/{site}
+    {root}/_done/queries/model={m}/.../spec={spec}/shard-{k:05d}.json         (query-shard marker)
+    {root}/knnlm/model={m}/revision={r}/corpus={c}/part={store|eval}/sample={wk}/spec={spec}/{table}/shard-{k:05d}.parquet
+        store: values (window, pos, value), keys/layer={l}/site={s} (key); eval: windows, tokens,
+        queries/layer={l}/site={s}; index/layer={l}/site={s}.faiss (trained IVF indexes)
+    {root}/_done/knnlm/model={m}/.../spec={spec}/shard-{k:05d}.json           (kNN-LM shard marker)
     {root}/catalog.duckdb                                                     (views, see VIEWS)
 
 ``sample={sk}`` keeps features of different samples of one dataset (seed, N, L, shard
@@ -80,8 +88,85 @@ def unit_marker(part: str, k: int) -> str:
     return f"_done/{part}/{shard_name(k, 'json')}"
 
 
+SEGMENTS_MARKERS = "_done/segments/*/*.json"  # every sample marker of a root
+UNIT_MARKERS = f"_done/{'/'.join('*' for _ in UNIT_KEYS)}/shard-*.json"  # every work-unit marker
+
+
+def partition_values(rel: str) -> dict[str, str]:
+    """The ``key=value`` parts of a path (a file's own name included, without its extension)."""
+    parts = rel.rsplit(".", 1)[0].split("/")
+    return dict(p.split("=", 1) for p in parts if "=" in p)
+
+
+def unit_lease(part: str, k: int) -> str:
+    """Which run is extracting this unit right now (see :mod:`dispersion.core.leases`)."""
+    return f"_leases/{part}/{shard_name(k, 'json')}"
+
+
+# -- query sets (the hardness step, dispersion.measure.queries) -------------------------------
+
+QUERY_KEYS = ("model", "revision", "queryset", "sample", "spec")
+
+
+def query_partition(model: str, revision: str, queryset: str, sample: str, spec: str) -> str:
+    """One model@revision's measurement of one query set (``sample``: the set's content key)."""
+    return partition(model=model, revision=revision, queryset=queryset, sample=sample, spec=spec)
+
+
+def query_shard(part: str, k: int) -> str:
+    return f"queries/{part}/{shard_name(k)}"
+
+
+def query_marker(part: str, k: int) -> str:
+    return f"_done/queries/{part}/{shard_name(k, 'json')}"
+
+
+QUERY_MARKERS = f"_done/queries/{'/'.join('*' for _ in QUERY_KEYS)}/shard-*.json"  # every query-shard marker
+
+# -- kNN-LM datastores and evaluation passes (the knnlm step, dispersion.measure.knnlm) -------
+
+KNN_KEYS = ("model", "revision", "corpus", "part", "sample", "spec")
+
+
+def knn_partition(model: str, revision: str, corpus: str, part: str, sample: str, spec: str) -> str:
+    """One model@revision's forward pass over one window sample: ``part`` ``store`` (the
+    datastore: keys and values) or ``eval`` (queries, base-model log-probabilities, last-token
+    states of every window)."""
+    return partition(model=model, revision=revision, corpus=corpus, part=part, sample=sample, spec=spec)
+
+
+def knn_shard(part: str, table: str, k: int) -> str:
+    """A file of shard ``k``: ``table`` is ``values``, ``windows``, ``tokens``, or
+    ``keys/layer={l}/site={s}`` / ``queries/layer={l}/site={s}`` (one candidate key each)."""
+    return f"knnlm/{part}/{table}/{shard_name(k)}"
+
+
+def knn_marker(part: str, k: int) -> str:
+    return f"_done/knnlm/{part}/{shard_name(k, 'json')}"
+
+
+def knn_index(part: str, layer: str, site: str) -> str:
+    """A trained FAISS IVF index over one candidate's keys (exact indexes are rebuilt in memory)."""
+    return f"knnlm/{part}/index/{partition(layer=layer, site=site)}.faiss"
+
+
+def knn_index_marker(part: str, layer: str, site: str) -> str:
+    return f"_done/knnlm/{part}/index/{partition(layer=layer, site=site)}.json"
+
+
+KNN_MARKERS = f"_done/knnlm/{'/'.join('*' for _ in KNN_KEYS)}/shard-*.json"  # every kNN-LM shard marker
+
+
 def manifest_path(run_id: str) -> str:
     return f"runs/{run_id}/manifest.json"
+
+
+MANIFESTS = "runs/*/manifest.json"  # every finished scan of a root
+
+
+def run_of_manifest(rel: str) -> str:
+    """The run id of a ``runs/{run_id}/manifest.json`` path."""
+    return rel.rstrip("/").split("/")[-2]
 
 
 # -- results, reports, checkpoints -------------------------------------------------------------
@@ -101,8 +186,14 @@ def report_path(run: str, ext: str = "md") -> str:
     return f"results/{REPORT}/{run}.{ext}"
 
 
-def figure_path(run: str, name: str) -> str:
-    return f"results/{REPORT}/{run}/{name}.png"
+def section_path(run: str, step: str) -> str:
+    """An analysis step's report section as last rendered; the report joins every stored one."""
+    return f"results/{REPORT}/{run}/sections/{step}.md"
+
+
+def figure_path(run: str, name: str, ext: str = "png") -> str:
+    """A report figure: ``png``, or the same figure as ``svg`` beside it."""
+    return f"results/{REPORT}/{run}/{name}.{ext}"
 
 
 def checkpoint_prefix(run: str, arm: str) -> str:
@@ -116,10 +207,30 @@ def train_arm_path(sweep: str, arm: str) -> str:
 
 # -- catalog views ----------------------------------------------------------------------------
 
+ROOT_VARIABLE = "dispersion_root"  # the DuckDB variable every view's paths start from ('.' if unset)
+SEGMENTS_GLOB = "segments/*/*/shard-*.parquet"
+FEATURES_GLOB = "features/*/*/*/*/*/shard-*.parquet"
+VECTORS_GLOB = "vectors/*/*/*/*/*/*/*/*/shard-*.parquet"
+
+
+def segments_glob(dataset: str, sample: str) -> str:
+    return f"segments/{partition(dataset=dataset, sample=sample)}/shard-*.parquet"
+
+
+def features_glob(part: str) -> str:
+    return f"features/{part}/shard-*.parquet"
+
+
+def vectors_glob(part: str) -> str:
+    return f"vectors/{part}/*/*/*/shard-*.parquet"
+
+
+# ``segments``, ``features`` and ``vectors`` (one spec per model, revision and dataset, see
+# dispersion.core.catalog) are built from the ``*_all`` globs' partitions.
 VIEWS: dict[str, tuple[str, bool]] = {  # name -> (glob under the root, hive-partitioned)
-    "segments": ("segments/*/*/shard-*.parquet", True),
-    "features": ("features/*/*/*/*/*/shard-*.parquet", True),
-    "vectors": ("vectors/*/*/*/*/*/*/*/*/shard-*.parquet", True),
+    "segments_all": (SEGMENTS_GLOB, True),
+    "features_all": (FEATURES_GLOB, True),
+    "vectors_all": (VECTORS_GLOB, True),
     "bins": (result_glob("bins"), False),
     "correlations": (result_glob("correlations"), False),
     "trajectory": (result_glob("trajectory"), False),

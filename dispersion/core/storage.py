@@ -5,8 +5,11 @@ default, ``s3://bucket/prefix`` in production), written atomically. Paths come f
 Every file is written to a hidden temporary name in its folder and then moved into place
 (``os.replace`` locally, copy + delete on object stores), so a reader never sees a partial
 file and the ``*.parquet`` globs of the catalog never match a temporary one. A work unit
-writes its data files first and its completion marker last: a unit is done when its
-marker exists and names the row count it was asked for.
+writes its data files first and its completion marker last, with the checksum of every
+file it published (``write_table`` returns it); a unit is done when its marker names the
+row count it was asked for and every file still matches its checksum
+(:mod:`dispersion.core.integrity`). Shards named by a marker are read with ``read_shard``,
+which checks them against that checksum.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dispersion.core.errors import DataError
+from dispersion.core.errors import DataError, IntegrityError, first_line
+from dispersion.core.ids import checksum
 
 FEATURE_BASE = [
     pa.field("segment_id", pa.int64(), nullable=False),
@@ -86,6 +90,11 @@ def _retrying(method):
     return wrapper
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _is_credentials_error(err: BaseException) -> bool:
     return "credential" in type(err).__name__.lower() or "NoCredentials" in repr(err)
 
@@ -114,7 +123,11 @@ class Store:
             # instead of a socket read waiting on a peer that is gone.
             options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 30,
                                                  "retries": {"max_attempts": 2}})
-        self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
+        except (ValueError, ImportError) as err:  # "Protocol not known: foo", "Install gcsfs to access ..."
+            raise DataError(f"root: cannot open {self.root!r}: {first_line(err)} (give a local folder "
+                            f"or an fsspec URL such as s3://bucket/prefix)") from None
         self.base = self.base.rstrip("/")
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -174,32 +187,88 @@ class Store:
                 fh.write(data)
         self._replace_local(final, write)
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        """Publish ``table`` as Parquet; returns the checksum of the bytes written."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self._publish(rel, buf.getvalue())
+        data = buf.getvalue()
+        self._publish(rel, data)
+        return checksum(data)
 
     @_retrying
     def read_table(self, rel: str) -> pa.Table:
         with self.fs.open(self.path(rel), "rb") as fh:
             return pq.read_table(fh)
 
+    def read_bytes(self, rel: str) -> bytes:
+        """A whole file's bytes (figures, reports); shards are read with :meth:`read_shard`."""
+        return self._read_bytes(rel)
+
+    @_retrying
+    def _read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return fh.read()
+
+    def read_shard(self, rel: str, expected: str | None, columns: list[str] | None = None) -> pa.Table:
+        """A published shard, checked against the checksum its done marker recorded
+        (``expected``; ``None`` for markers written without checksums). A missing, altered
+        or unreadable file raises :class:`IntegrityError` naming it."""
+        try:
+            data = self._read_bytes(rel)
+        except FileNotFoundError:
+            raise IntegrityError(rel, "missing") from None
+        if expected is not None and checksum(data) != expected:
+            raise IntegrityError(rel, "checksum mismatch (changed after it was published)")
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowException, ValueError, OSError) as err:
+            raise IntegrityError(rel, f"unreadable Parquet ({_first_line(err)})") from None
+
+    @_retrying
+    def checksum(self, rel: str) -> str:
+        """The checksum of a stored file's bytes, streamed (``FileNotFoundError`` if absent)."""
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return checksum(iter(lambda: fh.read(1 << 22), b""))
+
     @_retrying
     def num_rows(self, rel: str) -> int:
-        """Row count from the Parquet footer (no data read)."""
+        """Row count from the Parquet footer (no data read); an unreadable footer raises
+        :class:`IntegrityError`."""
         with self.fs.open(self.path(rel), "rb") as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
+            try:
+                return pq.ParquetFile(fh).metadata.num_rows
+            except FileNotFoundError:
+                raise
+            except (pa.ArrowException, ValueError, OSError) as err:
+                raise IntegrityError(rel, f"unreadable Parquet ({_first_line(err)})") from None
+
+    @_retrying
+    def remove(self, rel: str) -> None:
+        """Delete a file; a missing one is not an error."""
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
 
     def write_json(self, rel: str, payload: dict) -> None:
         self._publish(rel, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
 
     @_retrying
     def read_json(self, rel: str) -> dict | None:
+        """The JSON object at ``rel``, ``None`` if there is none; a file that is not a JSON
+        object raises :class:`IntegrityError`."""
         try:
             with self.fs.open(self.path(rel), "rb") as fh:
-                return json.loads(fh.read())
+                data = fh.read()
         except FileNotFoundError:
             return None
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            raise IntegrityError(rel, "not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise IntegrityError(rel, "not a JSON object")
+        return payload
 
     @_retrying
     def glob(self, pattern: str) -> list[str]:
@@ -231,3 +300,167 @@ class Store:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    # -- conditional writes (leases, see dispersion.core.leases) -----------------------------------
+    #
+    # Each object has a version tag: its ETag on S3, a content hash locally. ``create`` writes
+    # only where nothing is; ``replace_if`` and ``delete_if`` act only while the object still
+    # has the tag the caller read. Locally ``create`` hard-links a complete hidden file into
+    # place (exclusive and atomic), and ``replace_if``/``delete_if`` hold an advisory lock on
+    # the folder; on S3 they are conditional requests (``If-None-Match: *``, ``If-Match``),
+    # which AWS S3, MinIO and moto honour. Other fsspec stores get a best-effort emulation
+    # (check, then write), which two writers can race.
+
+    @property
+    def conditional(self) -> bool:
+        """Whether ``create``/``replace_if``/``delete_if`` are exclusive on this store."""
+        return self.local or hasattr(self.fs, "_call_s3")
+
+    def _s3_key(self, rel: str) -> dict:
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        return {"Bucket": bucket, "Key": key}
+
+    @_retrying
+    def create(self, rel: str, data: bytes) -> str | None:
+        """Write ``rel`` only if nothing is there; its version tag, or ``None`` if it exists."""
+        final = self.path(rel)
+        if self.local:
+            parent, name = final.rsplit("/", 1)
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.link(tmp, final)  # fails if ``final`` exists; the content is complete when it appears
+            except FileExistsError:
+                return None
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return _content_tag(data)
+        if self.conditional:
+            try:
+                return self.fs.call_s3("put_object", Body=data, IfNoneMatch="*", **self._s3_key(rel))["ETag"]
+            except OSError as err:
+                if _precondition_failed(err):
+                    return None
+                raise
+        if self.fs.exists(final):
+            return None
+        self.fs.pipe_file(final, data)
+        return _content_tag(data)
+
+    @_retrying
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """``(content, version tag)`` of ``rel``, ``None`` if it does not exist."""
+        if self.conditional and not self.local:
+            from fsspec.asyn import sync
+
+            async def get() -> tuple[bytes, str]:
+                resp = await self.fs._call_s3("get_object", **self._s3_key(rel))
+                async with resp["Body"] as body:
+                    return await body.read(), resp["ETag"]
+            try:
+                return sync(self.fs.loop, get)
+            except FileNotFoundError:
+                return None
+        try:
+            with self.fs.open(self.path(rel), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        return data, _content_tag(data)
+
+    @_retrying
+    def replace_if(self, rel: str, data: bytes, tag: str) -> str | None:
+        """Overwrite ``rel`` only while its version tag is ``tag``; the new tag, else ``None``."""
+        if self.local:
+            final = self.path(rel)
+            try:
+                with _FolderLock(final.rsplit("/", 1)[0]):
+                    current = self.read_versioned(rel)
+                    if current is None or current[1] != tag:
+                        return None
+                    self._publish(rel, data)
+            except FileNotFoundError:  # the folder is gone
+                return None
+            return _content_tag(data)
+        if self.conditional:
+            try:
+                return self.fs.call_s3("put_object", Body=data, IfMatch=tag, **self._s3_key(rel))["ETag"]
+            except FileNotFoundError:
+                return None
+            except OSError as err:
+                if _precondition_failed(err):
+                    return None
+                raise
+        current = self.read_versioned(rel)
+        if current is None or current[1] != tag:
+            return None
+        self.fs.pipe_file(self.path(rel), data)
+        return _content_tag(data)
+
+    @_retrying
+    def delete_if(self, rel: str, tag: str) -> bool:
+        """Delete ``rel`` only while its version tag is ``tag``; whether this call deleted it."""
+        if self.local:
+            final = self.path(rel)
+            try:
+                with _FolderLock(final.rsplit("/", 1)[0]):
+                    current = self.read_versioned(rel)
+                    if current is None or current[1] != tag:
+                        return False
+                    os.remove(final)
+            except FileNotFoundError:  # the folder is gone
+                return False
+            return True
+        if self.conditional:
+            try:
+                self.fs.call_s3("delete_object", IfMatch=tag, **self._s3_key(rel))
+            except FileNotFoundError:
+                return False
+            except OSError as err:
+                if _precondition_failed(err):
+                    return False
+                raise
+            return True
+        current = self.read_versioned(rel)
+        if current is None or current[1] != tag:
+            return False
+        self.fs.rm_file(self.path(rel))
+        return True
+
+
+def _content_tag(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """An S3 conditional request refused (412 Precondition Failed, 409 Conditional Request Conflict)."""
+    if isinstance(err, FileExistsError):
+        return True
+    codes = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+    for e in (err, err.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in codes:
+            return True
+    return False
+
+
+class _FolderLock:
+    """An exclusive advisory lock (``flock``) on a local folder, held for a ``with`` block."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing releases the lock

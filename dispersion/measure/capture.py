@@ -15,8 +15,12 @@ paper's :math:`h_N`). A *target* ``(layer, site)`` names one of these states:
   the final norm's output (HF's ``hidden_states[-1]``);
 * sites (:data:`SITES`): ``block`` = :math:`h_l` (the residual stream, before the final
   norm), ``attn`` = :math:`a_l`, ``mlp`` = :math:`m_l` (sub-layer outputs before the
-  residual add; for Gemma-2 before its post-sub-layer norms). Only ``block`` exists at
-  layers ``0`` and ``final``.
+  residual add; for Gemma-2 before its post-sub-layer norms), ``resid_mid`` =
+  :math:`h_{l-1} + a_l` (the residual stream between the sub-layers, paper 001 Sec. 3.3's
+  :math:`h_{att}`; read as the input of the MLP's pre-norm) and ``mlp_in`` =
+  :math:`\mathrm{LN}_{l,2}(h_{l-1} + a_l)` (the MLP's input, read by a forward pre-hook;
+  the kNN-LM key). Per-family details are in :mod:`dispersion.measure.sites`. Only
+  ``block`` exists at layers ``0`` and ``final``.
 
 :class:`Capture` registers hooks on just the modules of the requested targets and hands
 each state, shape ``[B, T, d]``, to a *reducer* ``reduce(target, hidden)`` while the
@@ -205,7 +209,7 @@ class Capture:
                     raise ModelError(f"extraction.sites: site {site!r} does not exist at layer 0")
                 self._plan.append((self.blocks[0], "pre", (layer, site)))
             else:
-                module = spec.module(self.blocks[int(layer) - 1])
+                module = spec.module(self.blocks[int(layer) - 1], model.config)
                 self._plan.append((module, "pre" if spec.read == "input" else "post", (layer, site)))
         self.deepest = max((int(t[0]) for t in blocks), default=None) \
             if stop_early and not self.final else None
@@ -255,3 +259,17 @@ class Capture:
         for t in self.final:
             self.reduce(t, hidden)
         return hidden
+
+    def forward_cached(self, **inputs: Any) -> tuple[torch.Tensor, Any]:
+        """As :meth:`forward`, keeping the KV cache: returns the final-norm states ``[B, T, d]``
+        and the base model's ``past_key_values``, from which a caller scores continuations of
+        these inputs without running them again (the multiple-choice cloze of
+        :mod:`dispersion.measure.queries`). Not for a capture that stops early."""
+        if self.deepest is not None:
+            raise ModelError("Capture.forward_cached: a pass that stops early keeps no cache")
+        out = self.base(**inputs, use_cache=True)
+        hidden = final_hidden(out)
+        for t in self.final:
+            self.reduce(t, hidden)
+        # transformers >= 5.2x names the cache ``cache``, earlier versions ``past_key_values``
+        return hidden, out["cache"] if "cache" in out else out["past_key_values"]

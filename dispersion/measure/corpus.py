@@ -116,8 +116,33 @@ def hf_documents(path: str, name: str | None = None, split: str = "train", text_
         ds = datasets.load_dataset(path, name, split=split, streaming=streaming, **kwargs)
     except FileNotFoundError as err:
         raise DataError(f"hf.path: dataset {path!r} not found ({_first_line(err)})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"hf: cannot read {path!r} split={split!r}: {_read_problem(err)}") from None
     except (ValueError, OSError, ConnectionError) as err:  # offline, unknown config/split, network
         raise DataError(f"hf: cannot load {path!r} name={name!r} split={split!r}: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - datasets' builders fail in many ways on bad files
+        raise DataError(f"hf: cannot read {path!r} split={split!r}: {_read_problem(err)}") from None
+    try:
+        yield from _rows(ds, path, split, text_field, max_documents, group_rows)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a bad row deep in a file (non-UTF-8 text, ...)
+        raise DataError(f"hf: cannot read {path!r} split={split!r}: {_read_problem(err)}") from None
+
+
+def _read_problem(err: BaseException) -> str:
+    """One line on why ``datasets`` could not read a dataset (the cause it wrapped, if any)."""
+    while err.__cause__ is not None and type(err).__name__ in ("DatasetGenerationError", "RuntimeError"):
+        err = err.__cause__
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the data files as UTF-8"
+    if isinstance(err, StopIteration):
+        return "no rows (is a data file empty?)"
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _rows(ds, path: str, split: str, text_field: str, max_documents: int | None,
+          group_rows: int) -> Iterator[Document]:
     columns = getattr(ds, "column_names", None) or list(getattr(ds, "features", {}) or {})
     if columns and text_field not in columns:
         raise DataError(f"hf.text_field: {text_field!r} is not a column of {path!r} (columns: {columns})")

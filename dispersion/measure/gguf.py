@@ -25,7 +25,6 @@ in work-unit keys: another file (re-quantized, re-downloaded with other bytes) i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from pathlib import Path
 from dispersion.core.config import GGUFSpec, ModelSpec
 from dispersion.core.errors import ModelError
 from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
-from dispersion.core.ids import digest
+from dispersion.core.ids import checksum, digest
 
 CONVERTER = 1  # bump when the conversion writes something else: every GGUF is converted again
 MAGIC = b"GGUF"
@@ -167,11 +166,8 @@ def file_sha(path: Path, cache: str | os.PathLike | None = None) -> str:
             return memo.read_text().strip()
         except OSError:
             pass
-    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 23):
-            h.update(chunk)
-    sha = h.hexdigest()
+        sha = checksum(iter(lambda: fh.read(1 << 23), b""))
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")

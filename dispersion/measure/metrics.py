@@ -32,6 +32,7 @@ __all__ = [
     "dispersion_gap",
     "euclidean_dispersion",
     "mean_cosine_distance_between",
+    "mean_cosine_distance_to_rest",
     "mean_euclidean_distance_between",
     "vendi_score",
 ]
@@ -221,6 +222,28 @@ def mean_cosine_distance_between(A: Any, B: Any) -> float:
     sa = _unit_rows(Am, "A").sum(axis=0)
     sb = _unit_rows(Bm, "B").sum(axis=0)
     return 1.0 - float(sa @ sb) / (Am.shape[0] * Bm.shape[0])
+
+
+def mean_cosine_distance_to_rest(X: Any) -> np.ndarray:
+    r"""Each row's mean cosine distance to the other rows, in O(N d) (paper 001 Sec. 3.1, per
+    example: the per-row terms whose mean is :func:`cosine_dispersion`).
+
+    .. math::
+        m_i = \frac{1}{N-1}\sum_{j \ne i} (1 - u_i \cdot u_j) = 1 - \frac{u_i \cdot s - 1}{N - 1},
+        \quad s = \sum_j u_j
+
+    so :math:`\frac{1}{N}\sum_i m_i` equals Eq. 1. A low :math:`m_i` marks a row in the dense,
+    low-dispersion part of the set.
+
+    Args:
+        X: (N, d) embeddings, N >= 2, no zero rows, finite.
+
+    Returns:
+        (N,) float64.
+    """
+    U = _unit_rows(_as_matrix(X, "X"), "X")
+    n = U.shape[0]
+    return 1.0 - (U @ U.sum(axis=0) - 1.0) / (n - 1)
 
 
 def mean_euclidean_distance_between(A: Any, B: Any, chunk_size: int = _DEFAULT_CHUNK) -> float:

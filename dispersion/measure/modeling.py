@@ -92,10 +92,84 @@ def _from_pretrained(factory, source: ModelSource, field: str, **kwargs):
         raise ModelError(f"{field}: cannot load {source.describe()!r}: {first}") from None
 
 
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def check_weights(source: ModelSource, field: str = "id") -> None:
+    """Fail, naming ``field``, when the weights are not there in the one format
+    :func:`load_model` reads (safetensors): before a scan samples or publishes anything.
+
+    A local folder must hold a ``*.safetensors`` file (one file or the shards of an index);
+    a hub repository is asked for its file list, and the check is skipped when the hub
+    cannot be asked (offline): loading then gives its own error."""
+    if source.local:
+        root = Path(source.location)
+        if any(root.glob("*.safetensors")):
+            return
+        others = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix in _OTHER_WEIGHTS)
+        found = f" (found {', '.join(others)})" if others else ""
+        raise ModelError(f"{field}: {source.location!r} has no .safetensors weights{found}; weights load only "
+                         f"from safetensors (convert with save_pretrained(..., safe_serialization=True))")
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(source.location, revision=source.revision)
+        names = [s.rfilename for s in (info.siblings or [])]
+    except Exception:  # noqa: BLE001 - offline, gated or unknown: loading reports it
+        return
+    if names and not any(n.endswith(".safetensors") for n in names):
+        raise ModelError(f"{field}: {source.describe()!r} has no .safetensors weights on the hub; "
+                         f"weights load only from safetensors")
+
+
+# Model types whose causal-LM class is a decoder only when the config says ``is_decoder: true``
+# (BERT and its relatives load as ``BertLMHeadModel`` with bidirectional attention otherwise):
+# every type that transformers also maps to a masked-LM class.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead", "ForConditionalGeneration")
+
+
+def causal_lm_problem(config) -> str | None:
+    """Why a model config is not a causal language model (``None`` when it is one).
+
+    The rule, in order: an encoder-decoder is refused (``is_encoder_decoder``); a model
+    type that has a masked-LM class in transformers (BERT, RoBERTa, ELECTRA, ...) is a
+    bidirectional encoder unless its config sets ``is_decoder: true``; declared
+    ``architectures`` must include a language-model head (a class name ending in
+    ``ForCausalLM``, ``LMHeadModel``, ``WithLMHead`` or ``ForConditionalGeneration``), so a
+    ``BertModel`` or a ``...ForSequenceClassification`` checkpoint, whose LM head would be
+    random, is refused; and the model type must have a causal-LM class (in transformers,
+    or in the repository's ``auto_map`` with ``trust_remote_code``)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None) or "?"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"an encoder-decoder model (model_type {kind!r})"
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            and not getattr(config, "is_decoder", False) and not getattr(config, "causal", False):
+        return f"a bidirectional encoder (model_type {kind!r} without is_decoder: true)"
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        return f"not a language model (architectures {', '.join(archs)} have no causal LM head)"
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        return f"not a causal language model (transformers has no causal-LM class for model_type {kind!r})"
+    return None
+
+
 def load_tokenizer(source: ModelSource, field: str = "id"):
+    """The model's tokenizer. Documents are tokenized whole and cut into segments later, so
+    transformers' "Token indices sequence length is longer than the specified maximum" warning
+    is noise here and is switched off for this tokenizer."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, source, field)
+    tok = _from_pretrained(AutoTokenizer, source, field)
+    warned = getattr(tok, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tok
 
 
 def resolve_device(device: str = "auto"):

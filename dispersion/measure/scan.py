@@ -8,7 +8,10 @@ A scan is::
 A work unit is (model@revision, dataset sample, shard, extraction spec). Its outputs live at
 paths made of those inputs and its completion marker records a key hashing all of them,
 so a unit whose marker exists is skipped: reruns resume, and a sweep that adds
-checkpoints computes only the new ones.
+checkpoints computes only the new ones. Markers record the checksum of every file they
+publish; a unit whose files no longer match is logged in one line and computed again.
+A unit runs under a lease (``_leases/...``), so scans of one root at the same time, and
+retries, split the units instead of each running all of them.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import pyarrow as pa
 from dispersion import __version__
 from dispersion.core import layout
 from dispersion.core.config import ExtractionSpec, ScanConfig
-from dispersion.core.errors import ConfigError, DataError, ModelError
+from dispersion.core.errors import ConfigError, DataError, IntegrityError, ModelError
 from dispersion.core.ids import digest
+from dispersion.core.integrity import CHECKSUMS, check_marker, marker_done, recorded
+from dispersion.core.leases import LEASE_SECONDS, Leases, describe
+from dispersion.core.progress import Progress
 from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
 from dispersion.measure.corpus import dataset_key, document_source
 from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
@@ -59,6 +65,11 @@ class SegmentSet:
     def marker_rel(self) -> str:
         return layout.segments_marker(self.dataset, self.sample)
 
+    def read_shard(self, store: Store, k: int) -> pa.Table:
+        """Shard ``k``, checked against the checksum the sample marker recorded."""
+        rel = self.shard_rel(k)
+        return store.read_shard(rel, recorded([store.read_json(self.marker_rel) or {}]).get(rel))
+
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -90,6 +101,10 @@ class WorkUnit:
         return layout.unit_marker(self._part(), self.shard)
 
     @property
+    def lease_rel(self) -> str:
+        return layout.unit_lease(self._part(), self.shard)
+
+    @property
     def key(self) -> str:
         payload = [self.mr.model, self.mr.revision, self.mr.source.location, self.mr.source.revision,
                    self.mr.fingerprint, self.segments.dataset, self.segments.sample, self.shard, self.n_rows,
@@ -100,15 +115,10 @@ class WorkUnit:
         return f"{self.mr.model}@{self.mr.revision} {self.segments.dataset} shard {self.shard}"
 
 
-def is_done(store: Store, unit: WorkUnit) -> bool:
-    """Done: the marker names this unit's key and row count, its files exist, and the
-    features file holds that many rows."""
-    marker = store.read_json(unit.marker_rel)
-    if not (marker and marker.get("key") == unit.key and marker.get("rows") == unit.n_rows):
-        return False
-    if not all(store.exists(f) for f in marker.get("files", [])):
-        return False
-    return store.num_rows(unit.features_rel) == unit.n_rows
+def is_done(store: Store, unit: WorkUnit, log: Callable[[str], None] = print) -> bool:
+    """Done: the marker names this unit's key and row count and its files check out
+    (:func:`dispersion.core.integrity.marker_done`); otherwise the unit is pending."""
+    return marker_done(store, unit.marker_rel, {"key": unit.key, "rows": unit.n_rows}, unit.describe(), log)
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -158,7 +168,12 @@ def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
         raise ModelError(f"{mr.field}: cannot load config of {mr.source.describe()!r}: "
                          f"{str(err).splitlines()[0]}") from None
     from dispersion.measure.capture import layer_names
-    from dispersion.measure.modeling import num_layers
+    from dispersion.measure.modeling import causal_lm_problem, num_layers
+
+    problem = causal_lm_problem(cfg)
+    if problem:
+        raise ModelError(f"{mr.field}: {mr.source.describe()!r} is {problem}; only causal language models "
+                         f"(decoders) can be scanned")
 
     layer_names(config.extraction.layers, num_layers(cfg))  # raises naming extraction.layers
     limit = max_positions(cfg)
@@ -170,12 +185,17 @@ def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
 
 
 def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
-                     log: Callable[[str], None] = print, num_segments: int | None = None) -> dict[str, SegmentSet]:
+                     log: Callable[[str], None] = print, num_segments: int | None = None, *,
+                     defer: list[Callable[[], None]] | None = None,
+                     sample: bool = True) -> dict[str, SegmentSet]:
     """Sample (or reuse) the segments of every dataset for one tokenizer: ``num_segments``
     per dataset (default ``sampling.num_segments``).
 
     Every missing sample is drawn before any is written, so a bad dataset (missing text
-    field, too few segments) publishes nothing."""
+    field, too few segments) publishes nothing. With ``defer`` the writes are not done but
+    appended to it as one function (the plan publishes after every sample is drawn);
+    ``sample=False`` only reuses published samples: a missing one is an error (``report``
+    and ``analyze`` on a root that was never scanned)."""
     s = config.sampling
     if num_segments is not None:
         s = s.model_copy(update={"num_segments": num_segments})
@@ -186,9 +206,21 @@ def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
         rows = tuple(b - a for a, b in shard_slices(s.num_segments, s.shard_size))
         seg = SegmentSet(ds.name, key, rows)
         out[ds.name] = seg
-        marker = store.read_json(seg.marker_rel)
+        try:
+            marker = store.read_json(seg.marker_rel)
+        except IntegrityError as err:  # an unreadable marker: sample again
+            log(f"warning: {err.path}: {err.reason}; sampling {ds.name} again")
+            marker = None
         if marker and marker.get("rows") == list(rows):
-            continue
+            damage = check_marker(store, seg.marker_rel, marker, first_only=True)
+            if not damage:
+                continue
+            if not sample:  # report, analyze: the scan samples it again
+                raise IntegrityError(damage[0].path, damage[0].reason)
+            log(f"warning: {damage[0].line()}; sampling {ds.name} again")
+        if not sample:
+            raise DataError(f"root: {store.url()} holds no scan of this config (no segments of dataset "
+                            f"{ds.name!r} for these sampling settings); run `dispersion scan` first")
         t0 = time.perf_counter()
         try:
             table = sample_segments(document_source(ds), tokenizer, length=s.segment_length,
@@ -201,16 +233,30 @@ def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
             f"in {time.perf_counter() - t0:.1f}s")
         todo.append((seg, table, {"rows": list(rows), "dataset": ds.model_dump(), "tokenizer": tok_fp,
                                   "sampling": s.model_dump()}))
-    for seg, table, marker in todo:
-        for k, (a, b) in enumerate(shard_slices(s.num_segments, s.shard_size)):
-            store.write_table(seg.shard_rel(k), table.slice(a, b - a))
-        store.write_json(seg.marker_rel, marker)
+    def publish() -> None:
+        for seg, table, marker in todo:
+            sums = {}
+            for k, (a, b) in enumerate(shard_slices(s.num_segments, s.shard_size)):
+                sums[seg.shard_rel(k)] = store.write_table(seg.shard_rel(k), table.slice(a, b - a))
+            store.write_json(seg.marker_rel, {**marker, CHECKSUMS: sums})
+
+    if defer is None:
+        publish()
+    elif todo:
+        defer.append(publish)
     return out
 
 
-def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print) -> list[WorkUnit]:
-    """All work units of a scan, with segments sampled and stored (done units included)."""
-    from dispersion.measure.modeling import resolve_device, resolve_dtype
+def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *,
+         sample: bool = True) -> list[WorkUnit]:
+    """All work units of a scan, with segments sampled and stored (done units included).
+
+    Nothing is published before every check that can fail cheaply has passed: each
+    model's config (a causal language model whose layers and context fit the request), its
+    weights (present, in safetensors), every tokenizer, and every missing sample drawn.
+    ``sample=False`` (``report``, ``analyze``) reuses the published samples only, refuses a
+    root without them and skips the weight check: nothing is extracted then."""
+    from dispersion.measure.modeling import check_weights, resolve_device, resolve_dtype
 
     device = resolve_device(config.extraction.device)
     if config.extraction.skip_first >= config.sampling.segment_length:
@@ -226,19 +272,26 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print) -
     mrs = model_revisions(config, log=log)
     for mr in mrs:
         _check_model_config(mr, config)
-    for mr in mrs:
+        if sample:
+            check_weights(mr.source, field=mr.field)
+    for mr in mrs:  # every tokenizer loads before anything is sampled
         tkey = (mr.source.location, mr.source.revision)
         if tkey not in tok_cache:
             tok = load_tokenizer(mr.source, field=mr.field)
             tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
-        tok, fp = tok_cache[tkey]
+    publish: list[Callable[[], None]] = []  # every missing sample is drawn before any is written
+    for mr in mrs:
+        tok, fp = tok_cache[(mr.source.location, mr.source.revision)]
         n = mr.num_segments or config.sampling.num_segments
         if (fp, n) not in seg_cache:
-            seg_cache[(fp, n)] = prepare_segments(config, store, tok, fp, log, num_segments=n)
+            seg_cache[(fp, n)] = prepare_segments(config, store, tok, fp, log, num_segments=n, defer=publish,
+                                                  sample=sample)
         dtype = resolve_dtype(mr.dtype, device)
         spec_key = config.extraction.key(dtype)
         for seg in seg_cache[(fp, n)].values():
             units.extend(WorkUnit(mr, seg, k, spec_key, dtype) for k in range(len(seg.shard_rows)))
+    for write in publish:
+        write()
     return units
 
 
@@ -263,7 +316,7 @@ def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str):
 def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], None] | None = None) -> dict:
     """Extract one shard and publish its features, vectors and marker. Returns the marker."""
     t0 = time.perf_counter()
-    seg = store.read_table(unit.segments.shard_rel(unit.shard))
+    seg = unit.segments.read_shard(store, unit.shard)
     if seg.num_rows != unit.n_rows:
         raise DataError(f"{unit.segments.shard_rel(unit.shard)}: {seg.num_rows} rows, expected {unit.n_rows}")
     tokens = [np.asarray(t, dtype=np.int32) for t in seg.column("token_ids").to_pylist()]
@@ -272,15 +325,17 @@ def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], 
     feats = {"segment_id": ids, "n_tokens": seg.column("n_tokens")}
     feats.update({k: v for k, v in out.features.items()})
     schema = feature_schema(extractor.context_lengths, extractor.context_pools)
-    store.write_table(unit.features_rel, pa.table({f.name: feats[f.name] for f in schema}, schema=schema))
+    sums = {unit.features_rel: store.write_table(unit.features_rel,
+                                                 pa.table({f.name: feats[f.name] for f in schema}, schema=schema))}
     files = [unit.features_rel]
     for (layer, site, pool), vec in out.vectors.items():
         table = pa.table({"segment_id": ids, "vec": vector_column(vec), "norm": out.norms[(layer, site, pool)],
                           "within": out.within[(layer, site)]}, schema=vector_schema(vec.shape[1]))
         rel = unit.vectors_rel(layer, site, pool)
-        store.write_table(rel, table)
+        sums[rel] = store.write_table(rel, table)
         files.append(rel)
     marker = {"key": unit.key, "rows": unit.n_rows, "files": files, "features": files[0], "vectors": files[1:],
+              CHECKSUMS: sums,
               "unit": unit.describe(),
               "seconds": round(time.perf_counter() - t0, 3), "forward_s": round(out.timings["forward_s"], 3),
               "host": platform.node(), "version": __version__}
@@ -326,28 +381,96 @@ class ScanStats:
     markers: list[dict] = field(default_factory=list)
 
 
-def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: bool = True,
-            log: Callable[[str], None] = print) -> ScanStats:
-    """Run every pending unit in this process, loading each model@revision once."""
-    from tqdm.auto import tqdm
+def run_leased(unit: WorkUnit, store: Store, leases: Leases, extractor_for: Callable[[WorkUnit], object],
+               progress: Callable[[int], None] | None = None,
+               log: Callable[[str], None] = print) -> tuple[str, dict]:
+    """Run ``unit`` under its lease: ``("ran", marker)``; ``("done", marker)`` when another
+    run published it first; ``("leased", lease)`` when another live run holds it (try later).
+    The lease is renewed while the unit runs and released once it is published or failed."""
+    rel = unit.lease_rel
+    holder = leases.claim(rel, note=unit.describe())
+    if holder is not None:
+        return "leased", holder
+    try:
+        if is_done(store, unit, log=log):  # finished by another run since it was planned
+            return "done", store.read_json(unit.marker_rel) or {}
+        extractor = extractor_for(unit)
+        leases.renew(rel, force=True)  # loading may have taken a while
 
+        def tick(n: int) -> None:
+            leases.renew(rel)
+            if progress is not None:
+                progress(n)
+        return "ran", run_unit(unit, extractor, store, progress=tick)
+    finally:
+        leases.release(rel)
+
+
+def poll_seconds(lease_seconds: float) -> float:
+    """How often a run re-checks units that another run holds."""
+    return min(5.0, max(0.05, lease_seconds / 20))
+
+
+def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: bool = True,
+            log: Callable[[str], None] = print, *, owner: str | None = None,
+            lease_seconds: float = LEASE_SECONDS) -> ScanStats:
+    """Run every pending unit in this process, loading each model@revision once.
+
+    Each unit runs under a lease (:mod:`dispersion.core.leases`), so scans of one root at
+    the same time split the units: a unit another live run holds is skipped, then waited
+    for (or run here once its lease expires) before this call returns."""
     stats = ScanStats(planned=len(units))
-    pending = [u for u in units if not is_done(store, u)]
+    pending = [u for u in units if not is_done(store, u, log=log)]
     stats.skipped = len(units) - len(pending)
     if not pending:
         log(f"all {len(units)} work units already done")
         return stats
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(u.n_rows for u in pending), unit="seg", desc="extract", disable=not progress)
-    for (model, rev), group in group_by_model(pending).items():
-        bar.set_postfix_str(f"{model}@{rev}")
-        extractor = load_extractor(group[0].mr, config.extraction, group[0].dtype)
-        for unit in group:
-            stats.markers.append(run_unit(unit, extractor, store, progress=bar.update))
-            stats.ran += 1
-            stats.segments += unit.n_rows
-        del extractor
-    bar.close()
+    bar = Progress(sum(u.n_rows for u in pending), "extract", unit="segments", log=log, enabled=progress)
+    leases = Leases(store, owner=owner, seconds=lease_seconds)
+    loaded: dict[tuple[str, str], object] = {}  # the one model@revision held in memory
+
+    def extractor_for(unit: WorkUnit):
+        key = (unit.mr.model, unit.mr.revision)
+        if key not in loaded:
+            loaded.clear()
+            bar.note(f"{key[0]}@{key[1]}")
+            loaded[key] = load_extractor(unit.mr, config.extraction, unit.dtype)
+        return loaded[key]
+
+    queue = [u for group in group_by_model(pending).values() for u in group]
+    said: float | None = None
+    try:
+        while queue:
+            waiting: list[tuple[WorkUnit, dict]] = []
+            for unit in queue:
+                status, info = run_leased(unit, store, leases, extractor_for, progress=bar.update, log=log)
+                if status == "leased":
+                    waiting.append((unit, info))
+                elif status == "ran":
+                    stats.markers.append(info)
+                    stats.ran += 1
+                    stats.segments += unit.n_rows
+                else:
+                    stats.skipped += 1
+                    bar.update(unit.n_rows)
+            if waiting and (said is None or time.monotonic() - said > 60):
+                log(f"waiting for {len(waiting)} work unit(s) that another run is extracting "
+                    f"({waiting[0][0].describe()}: {describe(waiting[0][1])})")
+                said = time.monotonic()
+            queue = []
+            if waiting:
+                time.sleep(poll_seconds(lease_seconds))
+            for unit, _ in waiting:
+                if is_done(store, unit, log=log):
+                    stats.skipped += 1
+                    bar.update(unit.n_rows)
+                else:
+                    queue.append(unit)
+    finally:
+        leases.release_all()
+        loaded.clear()
+        bar.close()
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,14 +26,16 @@ def plot_condensation(maps: CondensationMap | Sequence[CondensationMap] | pa.Tab
                       title: str = "Embedding condensation: token cosine similarity per layer") -> bytes:
     """Heatmaps like papers 002 Fig. 2a / 003 Fig. 1: one panel per model@revision/label, side
     by side (``cols`` per row), layers on y (depth upwards), similarity bins on x, colour =
-    density on one shared scale (``log_scale``: logarithmic); the panel title gives Spearman's
-    rho and Kendall's tau of the layer mean with depth and the mean marked per layer. Maps
-    from a table are grouped by model (first appearance), then revision by step. Returns the
-    PNG bytes (also written to ``path`` if given)."""
+    density on one shared scale (``log_scale``: logarithmic; one colour bar); the panel title
+    gives Spearman's rho (with p and n layers) and Kendall's tau of the layer mean with depth,
+    the mean is marked per layer. Maps from a table are grouped by model (first appearance),
+    then revision by step. Returns the PNG bytes with the same figure as SVG
+    (:class:`dispersion.report.figures.FigureBytes`); also written to ``path`` if given (PNG;
+    SVG when it ends in ``.svg``)."""
     from matplotlib.colors import LogNorm, Normalize
 
     from dispersion.core.ids import revision_order
-    from dispersion.report.figures import Figure
+    from dispersion.report.figures import Figure, Rho, write_figure
 
     ms = as_maps(maps)
     if not ms:
@@ -52,31 +53,35 @@ def plot_condensation(maps: CondensationMap | Sequence[CondensationMap] | pa.Tab
         norm = Normalize(vmin=0.0, vmax=vmax)
     ncols = max(1, min(cols, len(ms)))
     nrows = -(-len(ms) // ncols)
-    fig = Figure(nrows, ncols, width=3.6, height=max(2.6, 0.22 * max(len(m.layers) for m in ms) + 1.4))
+    fig = Figure(nrows, ncols, width=3.5, height=max(2.6, 0.12 * max(len(m.layers) for m in ms) + 1.6))
+    im = None
     for i, (m, d) in enumerate(zip(ms, dens)):
         ax = fig.ax(i // ncols, i % ncols)
         shown = np.where(d > 0, d, np.nan) if log_scale else d
         im = ax.imshow(shown, origin="lower", aspect="auto", interpolation="nearest", cmap="magma", norm=norm,
                        extent=(float(m.edges[0]), float(m.edges[-1]), -0.5, len(m.layers) - 0.5))
-        ax.plot(m.mean, np.arange(len(m.layers)), color="cyan", lw=0.8, marker="o", ms=2, label="mean")
-        ax.set_yticks(np.arange(len(m.layers)))
-        ax.set_yticklabels(m.layers)
+        ax.plot(m.mean, np.arange(len(m.layers)), color="cyan", lw=0.8, marker="o", ms=2,
+                label="mean similarity per layer")
+        step = max(1, -(-len(m.layers) // 14))
+        ticks = [k for k in range(len(m.layers)) if k % step == 0 or k == len(m.layers) - 1]
+        ax.set_yticks(ticks, [m.layers[k] for k in ticks])
+        ax.set_xticks(np.linspace(float(m.edges[0]), float(m.edges[-1]), 5))
         try:
             c = depth_correlation(m)
-            stats_line = f"ρ={c['spearman_r']:+.2f}  τ={c['kendall_tau']:+.2f}"
+            stats_line = (Rho(c["spearman_r"], c["spearman_p"], int(c["n_layers"])).text()
+                          + f" layers, τ = {c['kendall_tau']:+.2f}".replace("-", "−"))
         except DataError:
             stats_line = "ρ, τ: < 3 layers"
-        Figure.style(ax, f"{m.title()}\n{stats_line}", "cosine similarity", "layer", legend=False)
-        ax.tick_params(axis="y", labelsize=6)
-        cb = fig.fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
-        cb.ax.tick_params(labelsize=6)
-        if i % ncols == ncols - 1 or i == len(ms) - 1:
-            cb.set_label("density", fontsize=7)
+        Figure.style(ax, f"{m.title()}\n{stats_line}", "cosine similarity", "layer")
     for j in range(len(ms), nrows * ncols):
-        fig.ax(j // ncols, j % ncols).axis("off")
+        fig.off(fig.ax(j // ncols, j % ncols))
+    if im is not None:
+        fig.colorbar(im, [a for row in fig.axes for a in row if a.get_visible()],
+                     "density" + (" (log scale)" if log_scale else ""))
+    fig.legend(loc="outside lower center")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tight_layout vs colorbars
-        png = fig.png(title)
+        warnings.simplefilter("ignore")
+        png = fig.render(title)
     if path is not None:
-        Path(path).write_bytes(png)
+        write_figure(png, path)
     return png

@@ -3,7 +3,6 @@ checkpoint, a markdown summary, and console tables."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -11,19 +10,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dispersion.core.ids import revision_order
-from dispersion.core.layout import report_path
+from dispersion.core.layout import REPORT, report_path
 from dispersion.core.storage import Store
+from dispersion.report.figures import Figure, figure_files, revision_colors, spearman
 
 
 def md_table(table: pa.Table, columns: list[str], limit: int = 40) -> str:
-    """A markdown table of ``columns`` (first ``limit`` rows), floats signed to 3 decimals."""
+    """A markdown table of ``columns`` (first ``limit`` rows), floats to 3 decimals."""
     rows = table.select(columns).to_pylist()[:limit]
     if not rows:
         return "_(no rows)_\n"
 
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:+.3f}" if abs(v) < 1e4 else f"{v:.3g}"
+            return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
         return "" if v is None else str(v)
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
@@ -54,47 +54,34 @@ def main_view(table: pa.Table, layer: str, site: str, pool: str, scope: str) -> 
 
 
 def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: Sequence[str] = ()) -> bytes:
-    """PNG: one panel per (scope, model) x dataset; one line per revision (ordered by step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
+    """PNG (with its SVG, :class:`dispersion.report.figures.FigureBytes`): one panel per
+    (scope, model) x dataset; one line per revision (ordered by step), each annotated with
+    Spearman's rho of bin mean perplexity and dispersion, its p and n."""
     scopes = [s for s in ("across", "within") if len(main_view(bins, layer, site, pool, s))]
     models = sorted(_unique(bins, "model"), key=_model_rank(model_order))
     datasets = _unique(bins, "dataset")
     rows = [(s, m) for m in models for s in scopes]  # the first model (the config's first) leads
-    fig, axes = plt.subplots(max(len(rows), 1), max(len(datasets), 1), squeeze=False,
-                             figsize=(4.2 * max(len(datasets), 1), 3.2 * max(len(rows), 1)))
+    colors = revision_colors(_unique(bins, "revision"))
+    fig = Figure(len(rows), len(datasets))
     for r, (scope, model) in enumerate(rows):
         view = _filter(main_view(bins, layer, site, pool, scope), model=model)
         revisions = sorted(_unique(view, "revision"), key=revision_order)
-        cmap = matplotlib.colormaps["viridis"]
         for c, ds in enumerate(datasets):
-            ax = axes[r][c]
-            for i, rev in enumerate(revisions):
+            ax = fig.ax(r, c)
+            rhos = []
+            for rev in revisions:
                 t = _filter(view, dataset=ds, revision=rev)
                 if not len(t):
                     continue
                 x = t["mean_ppl"].to_numpy()
                 y = t["dispersion"].to_numpy()
-                ax.plot(x, y, "o-", ms=3, lw=1, color=cmap(i / max(len(revisions) - 1, 1)), label=rev)
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_title(f"{model} · {ds} · {scope}", fontsize=9)
-            ax.set_xlabel("bin mean perplexity", fontsize=8)
-            ax.set_ylabel("avg pairwise cosine distance" if scope == "across" else "within-segment dispersion",
-                          fontsize=8)
-            ax.tick_params(labelsize=7)
-            if revisions:
-                ax.legend(fontsize=6, title="revision", title_fontsize=6)
-    fig.suptitle(f"Perplexity vs dispersion (layer {layer}, site {site}, pool {pool})", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+                ax.plot(x, y, "o-", ms=3, lw=1, color=colors[rev], label=rev)
+                rhos.append((None, colors[rev], spearman(x, y)))
+            fig.style(ax, f"{model} · {ds} · {scope}", "bin mean perplexity",
+                      "avg pairwise cosine distance" if scope == "across" else "within-segment dispersion", logx=True)
+            fig.annotate(ax, rhos)
+    fig.legend("revision")
+    return fig.render(f"Perplexity vs dispersion (layer {layer}, site {site}, pool {pool})")
 
 
 def _fmt(x: float | None) -> str:
@@ -108,18 +95,19 @@ def markdown_summary(bins: pa.Table, corr: pa.Table, *, layer: str, site: str, p
              f"Correlation of bin mean perplexity with dispersion (layer `{layer}`, site `{site}`, "
              f"pool `{pool}`; `across` = Eq. 1 over pooled vectors per bin, `within` = mean within-segment "
              "token dispersion per bin).", "",
-             "| model | revision | dataset | scope | bins | n | Pearson r | Spearman ρ |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | revision | dataset | scope | bins | n | Pearson r | p | Spearman ρ | p |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for scope in ("across", "within"):
         view = main_view(corr, layer, site, pool, scope)
         rows = sorted(view.to_pylist(),
                       key=lambda r: (rank(r["model"]), revision_order(r["revision"]), r["dataset"], r["bins"]))
         for r in rows:
             lines.append(f"| {r['model']} | {r['revision']} | {r['dataset']} | {scope} | {r['bins']} | "
-                         f"{r['n_bins']} | {_fmt(r['pearson_r'])} | {_fmt(r['spearman_r'])} |")
+                         f"{r['n_bins']} | {_fmt(r['pearson_r'])} | {_p(r.get('pearson_p'))} | "
+                         f"{_fmt(r['spearman_r'])} | {_p(r.get('spearman_p'))} |")
     layers = _filter(corr, site=site, scope="across", pool=pool, bins="all")
     if len(_unique(layers, "layer")) > 1:
-        lines += ["", "## Spearman ρ by layer (across, all bins)", ""]
+        lines += ["", "### Spearman ρ by layer (across, all bins)", ""]
         lay = sorted(_unique(layers, "layer"), key=lambda s: (s == "final", int(s) if s.isdigit() else 0))
         lines += ["| model | revision | dataset | " + " | ".join(lay) + " |", "|---" * (3 + len(lay)) + "|"]
         for key in sorted({(r["model"], r["revision"], r["dataset"]) for r in layers.to_pylist()},
@@ -185,18 +173,84 @@ def sections_markdown(name: str, sections) -> str:
     return "\n".join(out)
 
 
+def _p(p: float | None) -> str:
+    return "n/a" if p is None or not np.isfinite(p) else f"{p:.2g}"
+
+
+def findings_markdown(corr: pa.Table, *, layer: str, site: str, pool: str, model_order: Sequence[str] = (),
+                      alpha: float = 0.05) -> str:
+    """The summary's findings: Spearman rho (with p and n) of bin mean perplexity vs dispersion
+    over all bins, at each model's last revision, both scopes; and how many are negative or
+    positive at ``alpha``."""
+    rank = _model_rank(model_order)
+    rows = []
+    for scope in ("across", "within"):
+        view = _filter(main_view(corr, layer, site, pool, scope), bins="all").to_pylist()
+        last: dict[str, str] = {}
+        for r in view:
+            if r["model"] not in last or revision_order(r["revision"]) > revision_order(last[r["model"]]):
+                last[r["model"]] = r["revision"]
+        rows += [dict(r, scope=scope) for r in view if r["revision"] == last[r["model"]]]
+    rows.sort(key=lambda r: (rank(r["model"]), r["dataset"], r["scope"]))
+    if not rows:
+        return "_(no correlations: too few bins)_\n"
+
+    def sig(r: dict, sign: int) -> bool:
+        rho, p = r["spearman_r"], r["spearman_p"]
+        return rho is not None and p is not None and np.isfinite(rho) and p < alpha and np.sign(rho) == sign
+
+    neg, pos = sum(sig(r, -1) for r in rows), sum(sig(r, 1) for r in rows)
+    out = [f"Spearman ρ of bin mean perplexity vs dispersion over all bins, at each model's last revision "
+           f"(layer `{layer}`, site `{site}`, pool `{pool}`): **negative at p < {alpha} in {neg} of {len(rows)}**, "
+           f"positive in {pos}, not significant in {len(rows) - neg - pos}. The paper (001 Sec. 2) reports "
+           "negative correlations: more dispersed bins have lower perplexity.", "",
+           "| model | revision | dataset | scope | bins | Spearman ρ | p | Pearson r | p |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['revision']} | {r['dataset']} | {r['scope']} | {r['n_bins']} | "
+                   f"{_fmt(r['spearman_r'])} | {_p(r['spearman_p'])} | {_fmt(r['pearson_r'])} | "
+                   f"{_p(r['pearson_p'])} |")
+    return "\n".join(out) + "\n"
+
+
+def meta_markdown(meta: dict) -> str:
+    """The run's metadata as a two-column table (what was measured, with what, when)."""
+    rows = [(k, v) for k, v in meta.items() if v not in (None, "", [])]
+    return "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]) + "\n"
+
+
 def publish_report(store: Store, name: str, bins: pa.Table, corr: pa.Table, *, layer: str, site: str,
-                   pool: str, sections=(), model_order: Sequence[str] = ()) -> dict[str, str]:
-    """Write the PNG and markdown under ``results/report/`` (the analyses' sections after the
-    main summary, their figures beside it); returns their URLs."""
+                   pool: str, sections: str = "", model_order: Sequence[str] = (), meta: dict | None = None
+                   ) -> dict[str, str]:
+    """Write the report under ``results/report/``: ``{name}.md`` and a self-contained
+    ``{name}.html`` (figures inlined), the main figure ``{name}.png``/``.svg`` and the analyses'
+    figures beside it. The first page holds the run's metadata, the findings (rho, p, n) and
+    the figure; then the analyses' ``sections`` (rendered markdown, see :func:`sections_markdown`);
+    then appendices (every revision, every bin).
+    Returns the URLs of the figure, the markdown and the HTML."""
+    from dispersion.report.html import render_html
+
     png = report_path(name, "png")
     md = report_path(name)
-    store.write_bytes(png, plot_bins(bins, layer=layer, site=site, pool=pool, model_order=model_order))
-    summary = markdown_summary(bins, corr, layer=layer, site=site, pool=pool, title=f"dispersion scan `{name}`",
-                               model_order=model_order)
-    head, _, tail = summary.partition("\n## Bins")
-    title, _, rest = head.partition("\n")
-    body = (f"{title}\n\n![bins]({name}.png)\n{rest}" + sections_markdown(name, sections)
-            + ("\n## Bins" + tail if tail else ""))
+    for ext, data in figure_files(plot_bins(bins, layer=layer, site=site, pool=pool, model_order=model_order)).items():
+        store.write_bytes(report_path(name, ext), data)
+    summary = markdown_summary(bins, corr, layer=layer, site=site, pool=pool, title="", model_order=model_order)
+    appendix = summary.split("\n", 2)[2] if summary.startswith("# ") else summary
+    correlations, _, bin_rows = appendix.partition("\n## Bins")
+    body = "\n".join([
+        f"# dispersion scan `{name}`", "", meta_markdown(meta or {}), "## Findings", "",
+        findings_markdown(corr, layer=layer, site=site, pool=pool, model_order=model_order),
+        f"![perplexity vs dispersion]({name}.png)", "",
+        sections, "",
+        "## Appendix A: correlations at every revision", "", correlations.strip(), "",
+        *(["## Appendix B: bins" + bin_rows] if bin_rows else []),
+    ])
     store.write_text(md, body)
-    return {"plot": store.url(png), "summary": store.url(md)}
+
+    def read(rel: str) -> bytes | None:
+        path = f"results/{REPORT}/{rel}"
+        return store.read_bytes(path) if store.exists(path) else None
+
+    html = report_path(name, "html")
+    store.write_text(html, render_html(body, f"dispersion scan {name}", read))
+    return {"plot": store.url(png), "summary": store.url(md), "html": store.url(html)}

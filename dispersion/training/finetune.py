@@ -510,16 +510,11 @@ def dispersion_before_after(spec: FinetuneSpec | dict, finetuned: str | os.PathL
 
 
 
-def plot_finetune(table: pa.Table, path: str | os.PathLike) -> str:
+def figure_finetune(table: pa.Table) -> bytes:
     """Bar charts of dispersion, within-segment dispersion and perplexity, base vs fine-tuned
-    (one bar per method), per domain (paper 001 Fig. 6); written as PNG (local path or fsspec URL)."""
-    import io
-
-    import fsspec
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (one bar per method), per domain (paper 001 Fig. 6). PNG bytes with the same figure as SVG
+    (:class:`dispersion.report.figures.FigureBytes`)."""
+    from dispersion.report.figures import Figure, category_colors
 
     rows = table.to_pylist()
     if not rows:
@@ -535,33 +530,28 @@ def plot_finetune(table: pa.Table, path: str | os.PathLike) -> str:
                     else (r["checkpoint"] == "finetuned" and r["method"] == bar))]
         return sel[0][metric] if sel else float("nan")
 
-    metrics = [("dispersion", "dispersion (mean cosine distance)"), ("within", "within-segment dispersion"),
-               ("ppl", "perplexity")]
-    fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(models)), squeeze=False)
+    metrics = [("dispersion", "dispersion", "avg pairwise cosine distance"),
+               ("within", "within-segment dispersion", "within-segment dispersion"),
+               ("ppl", "perplexity", "perplexity (log scale)")]
+    fig = Figure(len(models), len(metrics), width=3.2, height=2.8)
     width = 0.8 / len(bars)
-    colors = ["#9e9e9e", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    colors = {"base": "#9e9e9e", **{b: c for b, c in category_colors(bars[1:]).items()}}
     for i, model in enumerate(models):
-        for j, (metric, label) in enumerate(metrics):
-            ax = axes[i][j]
+        for j, (metric, title, ylabel) in enumerate(metrics):
+            ax = fig.ax(i, j)
             for k, bar in enumerate(bars):
                 xs = np.arange(len(domains)) + (k - (len(bars) - 1) / 2) * width
-                ax.bar(xs, [value(model, d, bar, metric) for d in domains], width, label=bar,
-                       color=colors[k % len(colors)])
-            ax.set_xticks(np.arange(len(domains)))
-            ax.set_xticklabels([f"{d}\n({roles[d]})" for d in domains])
-            ax.set_title(f"{model}: {label}", fontsize=9)
-            if metric == "ppl":
-                ax.set_yscale("log")
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    fs, target = fsspec.core.url_to_fs(str(path))
-    parent = target.rsplit("/", 1)[0] if "/" in target else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(target, "wb") as fh:
-        fh.write(buf.getvalue())
-    return str(path)
+                ax.bar(xs, [value(model, d, bar, metric) for d in domains], width,
+                       label="base model" if bar == "base" else f"fine-tuned ({bar})", color=colors[bar])
+            ax.set_xticks(np.arange(len(domains)), [f"{d}\n({roles[d]})" for d in domains])
+            fig.style(ax, f"{model}: {title}", "domain (role)", ylabel, logy=metric == "ppl")
+    fig.legend()
+    return fig.render("Fine-tuning: dispersion and perplexity before and after")
+
+
+def plot_finetune(table: pa.Table, path: str | os.PathLike) -> str:
+    """:func:`figure_finetune` written to ``path``, a local path or fsspec URL (PNG; SVG when
+    it ends in ``.svg``)."""
+    from dispersion.report.figures import write_figure
+
+    return write_figure(figure_finetune(table), path)

@@ -274,25 +274,30 @@ def read_runs(store: Store, cfg: SweepConfig, done: list[Arm]) -> pa.Table:
 
 
 def plot_sweep(runs: pa.Table) -> bytes:
-    """Validation perplexity vs step per domain, one line per (loss, lambda) (mean over seeds)."""
-    from dispersion.report.figures import Figure
+    """Validation perplexity vs step per domain, one line per (loss, lambda) (mean over seeds).
+    PNG with the same figure as SVG (:class:`dispersion.report.figures.FigureBytes`)."""
+    from dispersion.report.figures import Figure, category_colors
 
     rows = [r for r in runs.to_pylist() if r["split"] == "validation"]
     domains = sorted({r["domain"] for r in rows})
-    fig = Figure(1, len(domains))
+    arms = sorted({(r["loss"], r["lam"], r["lr"]) for r in rows})
+    colors = category_colors([a for a in arms if a[0] != "none"])
+    fig = Figure(1, len(domains), width=3.8, height=3.0)
     for j, dom in enumerate(domains):
         ax = fig.ax(0, j)
-        for loss, lam, lr in sorted({(r["loss"], r["lam"], r["lr"]) for r in rows}):
+        for loss, lam, lr in arms:
             pts: dict[int, list[float]] = {}
             for r in rows:
                 if (r["loss"], r["lam"], r["lr"], r["domain"]) == (loss, lam, lr, dom):
                     pts.setdefault(r["step"], []).append(r["ppl"])
             steps = sorted(pts)
-            ax.plot(steps, [np.mean(pts[s]) for s in steps], "o-" if loss == "none" else ".-", ms=3, lw=1,
-                    color="black" if loss == "none" else None, label=f"{loss} λ={lam:g} lr={lr:g}")
-        ax.set_yscale("log")
-        fig.style(ax, f"{dom} · validation", "step", "perplexity (mean over seeds)")
-    return fig.png("Training with dispersion losses")
+            baseline = loss == "none"
+            ax.plot(steps, [np.mean(pts[s]) for s in steps], "o-" if baseline else ".-", ms=3,
+                    lw=1.6 if baseline else 1, color="black" if baseline else colors[(loss, lam, lr)],
+                    label=f"{loss} λ={lam:g} lr={lr:g}", zorder=3 if baseline else 2)
+        fig.style(ax, f"{dom} · validation", "step", "perplexity (mean over seeds)", logy=True)
+    fig.legend("loss (black: no auxiliary loss)")
+    return fig.render("Training with dispersion losses")
 
 
 def _local_checkpoint(cfg: SweepConfig, store: Store, row: dict) -> str:
@@ -348,10 +353,14 @@ def publish(cfg: SweepConfig, store: Store, done: list[Arm], log: Callable[[str]
     store.write_table(result_path("train_runs", cfg.name), runs)
     for name, t in tables.items():
         store.write_table(result_path(name, cfg.name), t)
-    store.write_bytes(figure_path(cfg.name, "sweep"), plot_sweep(runs))
+    from dispersion.report.figures import figure_files
+
+    for ext, data in figure_files(plot_sweep(runs)).items():
+        store.write_bytes(figure_path(cfg.name, "sweep", ext), data)
     cmap = condensation_maps(cfg, runs, store)
     if cmap is not None:
-        store.write_bytes(figure_path(cfg.name, "condensation"), cmap)
+        for ext, data in figure_files(cmap).items():
+            store.write_bytes(figure_path(cfg.name, "condensation", ext), data)
     md = [f"# Training sweep `{cfg.name}`", "",
           f"{len(done)} runs of `{cfg.model}` ({cfg.train.steps} steps of {cfg.train.batch_size} x "
           f"{cfg.train.seq_len} tokens on {', '.join(cfg.domains)}); lambda chosen on validation, reported on test.",

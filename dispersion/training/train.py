@@ -63,6 +63,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -375,8 +376,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     The model is moved to ``spec.device`` and left there in eval mode. See the module doc.
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from dispersion.core.progress import Progress
     from dispersion.measure.modeling import max_positions, resolve_device
 
     out = Path(out_dir)
@@ -470,7 +471,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
             run_eval(0)
             if 0 in save_at:
                 save(0)
-        bar = tqdm(total=spec.steps, initial=start, desc="train", disable=not progress, unit="step")
+        bar = Progress(spec.steps, "train", unit="steps", initial=start, enabled=progress,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
         tokens_per_step = spec.batch_size * spec.seq_len * spec.grad_accum
         for step in range(start + 1, spec.steps + 1):
             lr = lr_at(step - 1, spec)
@@ -492,7 +494,7 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
                      "aux": aux_sum / spec.grad_accum if aux_loss is not None else None, "grad_norm": norm,
                      "tokens": step * tokens_per_step, "seconds": round(time.perf_counter() - t0, 4)})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_out:.3f}")
+            bar.note(f"loss {loss_out:.3f}")
             if (spec.eval_every and step % spec.eval_every == 0) or step == spec.steps or step in save_at:
                 run_eval(step)
             if step in save_at:

@@ -406,7 +406,14 @@ def _cache_lock(cache: Path):
 
     fd = os.open(cache, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            t0 = time.monotonic()
+            log.warning("zoo: waiting for the build lock on %s (another process is building zoo models there)",
+                        cache)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.warning("zoo: got the build lock on %s after %.0f s", cache, time.monotonic() - t0)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -437,7 +444,7 @@ def build_zoo(spec: ZooSpec, names: list[str] | None = None, progress: bool = Tr
     for n in names:
         out[n] = cache / n
         if zoo_is_built(spec, n):
-            log.info("zoo: %s is built (%s), skipping", n, out[n])
+            log.debug("zoo: %s is built (%s), skipping", n, out[n])
         else:
             todo.append(n)
     if not todo:
@@ -452,6 +459,8 @@ def build_zoo(spec: ZooSpec, names: list[str] | None = None, progress: bool = Tr
                 continue
             key = model_key(spec, n)
             build = _build_dir(cache, n, key)
+            log.info("zoo: training %s (%d of %d to build, %d steps)", n, todo.index(n) + 1, len(todo),
+                     spec.train_steps)
             train_log = _train_model(n, spec, tokens, tok_dir, build, progress)
             train_log["key"] = key
             _export_checkpoints(build)

@@ -1,0 +1,541 @@
+r"""Layer selection for kNN-LM by dispersion, checked against a real kNN-LM (paper 001 Sec. 3.3,
+Table 1; B.3, Fig. 34).
+
+**The claim (Sec. 3.3).** Of the candidate datastore keys of a transformer, the more dispersed
+one makes the better kNN-LM key: in GPT-2's final block, :math:`h_{att} = h^{(L-1)} +
+\mathrm{MHA}(\mathrm{LN}(h^{(L-1)}))` (site ``resid_mid``) is more dispersed than
+:math:`h_{ffn} = h^{(L)}` (site ``block``), "making h_att the natural choice of key". The paper
+does not run the kNN-LM; this step does, for every candidate key.
+
+**Table 1 (dispersion).** From a pool of M non-overlapping windows ("chunks") of L tokens of
+the validation split (L = ``window``, 512 in the paper, at most the model's context), N chunks
+are drawn without replacement for N in ``chunks`` (10, 50, 100) and each of ``seeds`` (10)
+seeds; the same chunk indices serve every site and layer. For each (layer, site) the
+last-token states :math:`\{h_i\}_{i=1}^N` give the dispersion
+
+.. math::
+    D = \binom{N}{2}^{-1} \sum_{i<j} \Big[1 - \frac{h_i \cdot h_j}{\lVert h_i\rVert \lVert h_j\rVert}\Big]
+    \quad \text{(Eq. 1)},
+
+reported as mean and standard deviation (ddof = 1) over the seeds, at every layer (0..n,
+``final``) and site of ``table1_sites``, not only the final block.
+
+**Fig. 34 (per chunk).** For each pool window: the base model's perplexity over its scored
+tokens and, per (layer, site), the within-window dispersion (mean pairwise cosine distance of
+its L token states); the figure plots the final block's ``resid_mid`` and ``block``.
+
+**The kNN-LM (Khandelwal et al. 2020).** Per candidate key (layer x site, ``sites`` at
+``layers``): a datastore over windows of the training split (key = state at token t, value =
+token t+1), FAISS search of the k nearest keys, p_kNN = softmax(-d / T) over their values,
+p = lambda p_kNN + (1 - lambda) p_LM; perplexity on the evaluated windows of the pool
+(:mod:`dispersion.measure.knnlm`). The evaluated tokens alternate by window between a ``tune``
+and a ``test`` half: every perplexity in the tables is on the test half; the defaults
+(k = 1024, lambda = 0.25, T = 1) are applied as they are, and (lambda, T) are also tuned on the
+tune half (lambda over ``lambdas``; T over {``temperature``} and multiples ``temperature_scales``
+of the median nearest-neighbour distance, since distances differ by orders of magnitude
+between sites).
+
+**The verdict.** Per model@revision: each candidate's dispersion (Table 1 at the largest N,
+mean over seeds), base and kNN-LM perplexity and the improvement (base - kNN-LM, and in %);
+Spearman's rho of dispersion against improvement over the candidates (default and tuned);
+whether the most dispersed candidate is the best one; and the paper's own pair, ``resid_mid``
+vs ``block`` of the final block: which is more dispersed, which gives the lower perplexity.
+
+Datastores and evaluation passes are shards in the store, resumable
+(:class:`dispersion.measure.knnlm.KnnUnit`); the ``knnlm`` flow builds them as Ray tasks
+(``tasks/ray_knnlm.py``), the CLI in process. Differences from the paper: docs/ANALYSES.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.core.config import DatasetSpec, LayerRef, ScanConfig, Site, Strict
+from dispersion.core.errors import ConfigError, DataError
+from dispersion.core.storage import Store
+from dispersion.measure.knnlm import ForwardSpec, IndexSpec, KnnUnit, Target
+from dispersion.measure.scan import ModelRevision
+from dispersion.report.figures import Figure, category_colors, spearman
+from dispersion.report.markdown import md_table
+
+FIELD = "analysis.knnlm"
+
+
+class KnnlmOptions(Strict):
+    """Options of the ``knnlm`` step (``analysis.knnlm``).
+
+    Attributes:
+        datastore: the split the datastore is built from (default: the embedded prose, train).
+        evaluation: the split of the Table-1 chunks and the evaluated tokens (prose, validation).
+        window: chunk length L in tokens (paper: 512), at most the model's context (less BOS).
+        datastore_tokens: datastore entries wanted, about (L - 1) per training window; None:
+            every window of the split (the paper scale).
+        pool_windows: M, the validation windows drawn (the Table-1 pool; Fig. 34's points).
+        eval_windows: how many pool windows (spread evenly over the pool) the kNN-LM scores;
+            alternately tune and test.
+        chunks: the N of Table 1 (each at most M).
+        seeds: repeats per N (paper: 10).
+        sites: the candidate keys' sites (``resid_mid`` = h_att, ``block`` = h_ffn, ``mlp_in``
+            = the knn-transformers key, or any registered site).
+        table1_sites: the sites of Table 1 and Fig. 34 at every layer (default: ``sites``).
+        layers: the candidate keys' layers: ``all`` blocks (at most ``max_layers`` of them,
+            evenly spaced and ending at the final block) or a list of layer refs.
+        max_layers: see ``layers``.
+        k: neighbours retrieved (Khandelwal et al.: 1024), at most the datastore size.
+        lam: interpolation weight lambda of p_kNN (0.25).
+        temperature: T of softmax(-d / T) over squared L2 distances (1).
+        lambdas: the lambda grid tuned on the tune half (0 included: no kNN at all).
+        temperature_scales: T tuned over {``temperature``} and these multiples of the median
+            squared distance to the nearest key.
+        index: the FAISS index (exact up to ``index.exact_max`` keys, IVF-PQ beyond).
+        prepend_bos: feed BOS before every window (None: ``extraction.prepend_bos``).
+        models: the configured models measured (None: all).
+        revisions: ``last`` (each model's last by step), ``all``, or a list.
+        shard_windows: windows per shard (a work unit; a Ray task in the flow).
+        batch_size: windows per forward pass (None: ``extraction.batch_size``).
+        seed: seeds the window samples and the Table-1 draws.
+    """
+
+    datastore: DatasetSpec = Field(default_factory=lambda: DatasetSpec(
+        name="knnlm-prose-train", embedded="prose", split="train"))
+    evaluation: DatasetSpec = Field(default_factory=lambda: DatasetSpec(
+        name="knnlm-prose-validation", embedded="prose", split="validation"))
+    window: Annotated[int, Field(ge=3)] = 512
+    datastore_tokens: Annotated[int, Field(ge=1)] | None = 200_000
+    pool_windows: Annotated[int, Field(ge=2)] = 400
+    eval_windows: Annotated[int, Field(ge=2)] = 100
+    chunks: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)] = [10, 50, 100]
+    seeds: Annotated[int, Field(ge=1)] = 10
+    sites: Annotated[list[Site], Field(min_length=1)] = ["resid_mid", "mlp_in", "block"]
+    table1_sites: list[Site] | None = None
+    layers: Literal["all"] | list[LayerRef] = "all"
+    max_layers: Annotated[int, Field(ge=1)] = 6
+    k: Annotated[int, Field(ge=1)] = 1024
+    lam: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    lambdas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=1)] = \
+        [round(0.05 * i, 2) for i in range(19)]
+    temperature_scales: list[Annotated[float, Field(gt=0)]] = [0.1, 0.3, 1.0, 3.0, 10.0]
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    prepend_bos: bool | None = None
+    models: list[str] | None = None
+    revisions: Literal["last", "all"] | list[str] = "last"
+    shard_windows: Annotated[int, Field(ge=1)] = 64
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> KnnlmOptions:
+        from dispersion.measure.sites import SITES
+
+        for name in ("sites", "table1_sites"):
+            for i, s in enumerate(getattr(self, name) or []):
+                if s not in SITES:
+                    raise ValueError(f"{name}.{i}: unknown site {s!r} (known: {', '.join(SITES)})")
+        if max(self.chunks) > self.pool_windows:
+            raise ValueError(f"chunks: N = {max(self.chunks)} exceeds pool_windows ({self.pool_windows})")
+        if self.eval_windows > self.pool_windows:
+            raise ValueError(f"eval_windows: {self.eval_windows} exceeds pool_windows ({self.pool_windows})")
+        return self
+
+    @property
+    def t1_sites(self) -> list[str]:
+        return list(dict.fromkeys(self.table1_sites if self.table1_sites is not None else self.sites))
+
+
+# --------------------------------------------------------------------------- #
+# planning and building
+# --------------------------------------------------------------------------- #
+@dataclass
+class ModelPlan:
+    """One model@revision's kNN-LM: its windows, what its passes read, its units."""
+
+    mr: ModelRevision
+    n_layers: int
+    length: int                      # window length L
+    bos: int | None                  # the BOS id fed first (None: no BOS)
+    spec: ForwardSpec
+    store_units: list[KnnUnit]
+    eval_units: list[KnnUnit]
+
+    @property
+    def units(self) -> list[KnnUnit]:
+        return [*self.store_units, *self.eval_units]
+
+
+def candidate_layers(n_layers: int, layers: Literal["all"] | Sequence[LayerRef], max_layers: int) -> list[str]:
+    """Layer names of the candidate keys: ``all`` = blocks 1..n, thinned to ``max_layers``
+    evenly spaced blocks ending at block n; else the refs as ``extraction.layers`` reads them."""
+    from dispersion.measure.capture import layer_names
+
+    if layers == "all":
+        if n_layers <= max_layers:
+            return [str(i) for i in range(1, n_layers + 1)]
+        picks = sorted({round(n_layers * (i + 1) / max_layers) for i in range(max_layers)})
+        return [str(i) for i in picks]
+    return layer_names(list(layers), n_layers)
+
+
+def selected_revisions(config: ScanConfig, opts: KnnlmOptions, log: Callable[[str], None] = print) -> list:
+    """The configured model@revisions this step measures (``models``, ``revisions``)."""
+    from dispersion.core.ids import revision_order
+    from dispersion.measure.scan import model_revisions
+
+    mrs = model_revisions(config, log=log)
+    names = list(dict.fromkeys(m.model for m in mrs))
+    if opts.models is not None:
+        unknown = [m for m in opts.models if m not in names]
+        if unknown:
+            raise ConfigError(f"{FIELD}.models: {unknown[0]!r} is not a configured model (models: {', '.join(names)})")
+        mrs = [m for m in mrs if m.model in opts.models]
+    out = []
+    for name in dict.fromkeys(m.model for m in mrs):
+        rs = sorted((m for m in mrs if m.model == name), key=lambda m: revision_order(m.revision))
+        if opts.revisions == "last":
+            out.append(rs[-1])
+        elif opts.revisions == "all":
+            out += rs
+        else:
+            out += [m for m in rs if m.revision in opts.revisions]
+    if not out:
+        raise ConfigError(f"{FIELD}.revisions: none of {opts.revisions} is a configured revision")
+    return out
+
+
+def plan(config: ScanConfig, store: Store, opts: KnnlmOptions, log: Callable[[str], None] = print) -> list[ModelPlan]:
+    """Every measured model@revision's windows (sampled and published once per tokenizer and
+    length) and units; nothing is computed."""
+    from transformers import AutoConfig
+
+    from dispersion.measure.capture import layer_names, resolve_bos, targets
+    from dispersion.measure.knnlm import plan_units, prepare_windows
+    from dispersion.measure.modeling import load_tokenizer, max_positions, num_layers, resolve_device, resolve_dtype
+    from dispersion.measure.sampling import tokenizer_fingerprint
+
+    bos_on = config.extraction.prepend_bos if opts.prepend_bos is None else opts.prepend_bos
+    device = resolve_device(config.extraction.device)
+    windows: dict[tuple, tuple] = {}
+    plans = []
+    for mr in selected_revisions(config, opts, log):
+        mcfg = AutoConfig.from_pretrained(mr.source.location, revision=mr.source.revision,
+                                          trust_remote_code=mr.source.trust_remote_code)
+        n = num_layers(mcfg)
+        limit = max_positions(mcfg)
+        length = opts.window if limit is None else min(opts.window, limit - int(bos_on))
+        if length < 3:
+            raise ConfigError(f"{FIELD}.window: {mr.model} leaves {length} tokens per window")
+        if length < opts.window:
+            log(f"knnlm: {mr.model}@{mr.revision} reads {limit} positions: windows of {length} tokens")
+        tok = load_tokenizer(mr.source, field=mr.field)
+        fp = tokenizer_fingerprint(tok)
+        if (fp, length) not in windows:
+            count = None if opts.datastore_tokens is None else math.ceil(opts.datastore_tokens / (length - 1))
+            ws = prepare_windows(config, store, tok, fp, opts.datastore, length=length, count=count,
+                                 shard_size=opts.shard_windows, seed=opts.seed, log=log)
+            we = prepare_windows(config, store, tok, fp, opts.evaluation, length=length, count=opts.pool_windows,
+                                 shard_size=opts.shard_windows, seed=opts.seed, log=log)
+            windows[(fp, length)] = (ws, we)
+        ws, we = windows[(fp, length)]
+        pool = int(sum(we.shard_rows))
+        every = max(1, pool // opts.eval_windows)
+        count_eval = min(opts.eval_windows, math.ceil(pool / every))
+        cand = targets(candidate_layers(n, opts.layers, opts.max_layers), opts.sites)
+        t1 = list(dict.fromkeys([*targets(layer_names(["all"], n), opts.t1_sites), *cand]))
+        spec = ForwardSpec(candidates=tuple(cand), table1=tuple(t1), prepend_bos=bos_on,
+                           dtype=resolve_dtype(mr.dtype, device), eval_every=every, eval_count=count_eval,
+                           batch_size=opts.batch_size or config.extraction.batch_size,
+                           device=config.extraction.device)
+        bos = resolve_bos(tok, f"{FIELD}.prepend_bos") if bos_on else None
+        plans.append(ModelPlan(mr, n, length, bos, spec, plan_units(mr, opts.datastore.name, "store", ws, spec),
+                               plan_units(mr, opts.evaluation.name, "eval", we, spec)))
+    return plans
+
+
+def build(store: Store, plans: Sequence[ModelPlan], log: Callable[[str], None] = print) -> int:
+    """Compute every unit not yet published, in process (one model load per model@revision);
+    returns how many ran. The flow runs the same units as Ray tasks (``tasks/ray_knnlm.py``)."""
+    from dispersion.measure.knnlm import run_unit, unit_done
+    from dispersion.measure.modeling import load_model, resolve_device
+
+    ran = 0
+    for p in plans:
+        pending = [u for u in p.units if not unit_done(store, u, log)]
+        if not pending:
+            continue
+        t0 = time.perf_counter()
+        model = load_model(p.mr.source, dtype=p.spec.dtype, device=resolve_device(p.spec.device),
+                           field=p.mr.field)
+        for u in pending:
+            run_unit(store, u, model, p.bos)
+        ran += len(pending)
+        del model
+        log(f"knnlm: {p.mr.model}@{p.mr.revision} built {len(pending)} of {len(p.units)} shards "
+            f"in {time.perf_counter() - t0:.1f}s")
+    return ran
+
+
+# --------------------------------------------------------------------------- #
+# measuring
+# --------------------------------------------------------------------------- #
+@dataclass
+class Measured:
+    """One model@revision's tables (rows) before they are joined."""
+
+    table1: list[dict] = field(default_factory=list)
+    chunks: list[dict] = field(default_factory=list)
+    candidates: list[dict] = field(default_factory=list)
+    verdict: dict = field(default_factory=dict)
+
+
+def table1_draws(pool: int, chunks: Sequence[int], seeds: int, seed: int) -> dict[tuple[int, int], np.ndarray]:
+    """The chunk indices of every (N, seed): N of ``pool`` without replacement, shared by every
+    site and layer."""
+    return {(n, s): np.sort(np.random.default_rng([seed, n, s]).choice(pool, n, replace=False))
+            for n in chunks if n <= pool for s in range(seeds)}
+
+
+def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str], None] = print) -> Measured:
+    """Table 1, the per-chunk rows, and every candidate's kNN-LM scores of one model@revision."""
+    from dispersion.measure import knnlm as kn
+    from dispersion.measure.metrics import cosine_dispersion
+
+    mr = p.mr
+    base = {"model": mr.model, "revision": mr.revision}
+    out = Measured()
+    wins = kn.read_table(store, p.eval_units, "windows")
+    pool = wins.num_rows
+    skipped = [n for n in opts.chunks if n > pool]
+    if skipped:
+        log(f"knnlm: {mr.model}: the pool holds {pool} windows; Table 1 leaves out N = {skipped}")
+    draws = table1_draws(pool, opts.chunks, opts.seeds, opts.seed)
+    ppl = np.asarray(wins.column("ppl").to_numpy(), np.float64)
+    disp: dict[Target, float] = {}
+    within_mean: dict[Target, float] = {}
+    n_max = max((n for n in opts.chunks if n <= pool), default=None)
+    for t in p.spec.table1:
+        V = kn.vectors_of(wins, kn.last_column(t))
+        w = np.asarray(wins.column(kn.within_column(t)).to_numpy(), np.float64)
+        within_mean[t] = float(np.nanmean(w))
+        for n in opts.chunks:
+            if n > pool:
+                continue
+            vals = np.array([cosine_dispersion(V[draws[(n, s)]]) for s in range(opts.seeds)])
+            out.table1.append({**base, "layer": t[0], "site": t[1], "n_chunks": n, "seeds": opts.seeds,
+                               "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                               "chunk_length": p.length, "pool": pool})
+            if n == n_max:
+                disp[t] = float(vals.mean())
+        out.chunks += [{**base, "window": int(i), "layer": t[0], "site": t[1], "ppl": float(ppl[i]),
+                        "within": float(w[i])} for i in range(pool)]
+    toks = kn.read_table(store, p.eval_units, "tokens")
+    targets = np.asarray(toks.column("target").to_numpy(), np.int64)
+    lm_lp = np.asarray(toks.column("lm_logprob").to_numpy(), np.float64)
+    tune = np.asarray([h == "tune" for h in toks.column("half").to_pylist()])
+    values = np.asarray(kn.read_table(store, p.store_units, "values", columns=["value"]).column("value").to_numpy(),
+                        np.int64)
+    for t in p.spec.candidates:
+        index, kind = kn.candidate_index(store, p.store_units, t, opts.index, log)
+        queries = kn.vectors_of(kn.read_table(store, p.eval_units, kn.query_table(t)), "query")
+        s = kn.score(index, values, queries, targets, lm_lp, tune, k=opts.k, lam=opts.lam,
+                     temperature=opts.temperature, lambdas=opts.lambdas,
+                     temperature_scales=opts.temperature_scales, index_kind=kind)
+        del index, queries
+        out.candidates.append({
+            **base, "layer": t[0], "site": t[1], "key": f"{t[1]}@{t[0]}", "final_block": t[0] == str(p.n_layers),
+            "dispersion": disp.get(t), "within": within_mean.get(t), "n_chunks": n_max,
+            "datastore": s.n_store, "index": s.index, "k": s.k, "tune_tokens": s.n_tune, "test_tokens": s.n_test,
+            "base_ppl": s.base_ppl, "knn_ppl": s.knn_ppl, "improvement": s.base_ppl - s.knn_ppl,
+            "improvement_pct": 100.0 * (1.0 - s.knn_ppl / s.base_ppl),
+            "tuned_lambda": s.tuned_lambda, "tuned_temperature": s.tuned_temperature, "tuned_ppl": s.tuned_ppl,
+            "tuned_improvement": s.base_ppl - s.tuned_ppl,
+            "tuned_improvement_pct": 100.0 * (1.0 - s.tuned_ppl / s.base_ppl),
+            "nn_distance": s.nn_distance, "seconds": s.seconds})
+        log(f"knnlm: {mr.model} {t[1]}@{t[0]}: ppl {s.base_ppl:.2f} -> {s.knn_ppl:.2f} "
+            f"(tuned {s.tuned_ppl:.2f}, lambda {s.tuned_lambda:g}) over {s.n_store} keys in {s.seconds:.1f}s")
+    out.verdict = verdict(base, out.candidates, str(p.n_layers))
+    return out
+
+
+def _rho(x: Sequence[float | None], y: Sequence[float | None]) -> tuple[float | None, float | None]:
+    r = spearman([math.nan if v is None else v for v in x], [math.nan if v is None else v for v in y])
+    return (None, None) if r is None else (r.rho, r.p)
+
+
+def verdict(base: dict, cands: list[dict], final: str) -> dict:
+    """Spearman of dispersion vs improvement over the candidates, whether the most dispersed
+    candidate is the best, and the paper's pair (``resid_mid`` vs ``block``, final block)."""
+    rows = [c for c in cands if c["dispersion"] is not None]
+    out: dict = {**base, "candidates": len(rows)}
+    out["rho"], out["p"] = _rho([c["dispersion"] for c in rows], [c["improvement"] for c in rows])
+    out["tuned_rho"], out["tuned_p"] = _rho([c["dispersion"] for c in rows], [c["tuned_improvement"] for c in rows])
+    out["within_rho"], out["within_p"] = _rho([c["within"] for c in rows], [c["improvement"] for c in rows])
+    if rows:
+        top = max(rows, key=lambda c: c["dispersion"])
+        best = min(rows, key=lambda c: c["knn_ppl"])
+        best_t = min(rows, key=lambda c: c["tuned_ppl"])
+        out.update(most_dispersed=top["key"], best=best["key"], best_tuned=best_t["key"],
+                   most_dispersed_is_best=top["key"] == best["key"],
+                   most_dispersed_is_best_tuned=top["key"] == best_t["key"])
+    else:
+        out.update(most_dispersed=None, best=None, best_tuned=None, most_dispersed_is_best=None,
+                   most_dispersed_is_best_tuned=None)
+    pair = {c["site"]: c for c in rows if c["layer"] == final and c["site"] in ("resid_mid", "block")}
+    if len(pair) == 2:
+        att, ffn = pair["resid_mid"], pair["block"]
+        out.update(att_dispersion=att["dispersion"], ffn_dispersion=ffn["dispersion"],
+                   att_knn_ppl=att["knn_ppl"], ffn_knn_ppl=ffn["knn_ppl"],
+                   att_more_dispersed=att["dispersion"] > ffn["dispersion"],
+                   att_better=att["knn_ppl"] < ffn["knn_ppl"],
+                   att_better_tuned=att["tuned_ppl"] < ffn["tuned_ppl"])
+    else:
+        out.update(att_dispersion=None, ffn_dispersion=None, att_knn_ppl=None, ffn_knn_ppl=None,
+                   att_more_dispersed=None, att_better=None, att_better_tuned=None)
+    return out
+
+
+VERDICT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("revision", pa.string()), ("candidates", pa.int64()),
+    ("rho", pa.float64()), ("p", pa.float64()), ("tuned_rho", pa.float64()), ("tuned_p", pa.float64()),
+    ("within_rho", pa.float64()), ("within_p", pa.float64()),
+    ("most_dispersed", pa.string()), ("best", pa.string()), ("best_tuned", pa.string()),
+    ("most_dispersed_is_best", pa.bool_()), ("most_dispersed_is_best_tuned", pa.bool_()),
+    ("att_dispersion", pa.float64()), ("ffn_dispersion", pa.float64()),
+    ("att_knn_ppl", pa.float64()), ("ffn_knn_ppl", pa.float64()),
+    ("att_more_dispersed", pa.bool_()), ("att_better", pa.bool_()), ("att_better_tuned", pa.bool_()),
+])
+
+
+def tables_of(results: Sequence[Measured]) -> dict[str, pa.Table]:
+    """The step's four tables from the measured model@revisions."""
+    def table(rows: list[dict]) -> pa.Table:
+        if not rows:
+            raise DataError("knnlm: nothing was measured")
+        return pa.Table.from_pylist(rows)
+
+    return {"knnlm_table1": table([r for m in results for r in m.table1]),
+            "knnlm_candidates": table([r for m in results for r in m.candidates]),
+            "knnlm_verdict": pa.Table.from_pylist([m.verdict for m in results], schema=VERDICT_SCHEMA),
+            "knnlm_chunks": table([r for m in results for r in m.chunks])}
+
+
+# --------------------------------------------------------------------------- #
+# figures and markdown
+# --------------------------------------------------------------------------- #
+def plot_knnlm(candidates: pa.Table) -> bytes:
+    """One panel per model@revision: each candidate key's dispersion (Table 1, largest N)
+    against its kNN-LM perplexity (filled: lambda = 0.25, T = 1; hollow: tuned), coloured by
+    site and labelled by layer; the dashed line is the base model's perplexity; Spearman's rho
+    of dispersion and perplexity."""
+    rows = candidates.to_pylist()
+    groups = list(dict.fromkeys((r["model"], r["revision"]) for r in rows))
+    colors = category_colors(dict.fromkeys(r["site"] for r in rows))
+    cols = min(3, len(groups))
+    fig = Figure(math.ceil(len(groups) / cols), cols, width=3.6, height=2.9)
+    for i, (model, rev) in enumerate(groups):
+        ax = fig.ax(i // cols, i % cols)
+        rs = [r for r in rows if (r["model"], r["revision"]) == (model, rev) and r["dispersion"] is not None]
+        for site, color in colors.items():
+            pts = [r for r in rs if r["site"] == site]
+            if not pts:
+                continue
+            ax.scatter([r["dispersion"] for r in pts], [r["knn_ppl"] for r in pts], color=color, s=22,
+                       label=f"{site} (λ = 0.25)", zorder=3)
+            ax.scatter([r["dispersion"] for r in pts], [r["tuned_ppl"] for r in pts], facecolors="none",
+                       edgecolors=color, s=22, linewidths=0.8, label=f"{site} (tuned λ, T)", zorder=3)
+            for r in pts:
+                ax.annotate(r["layer"], (r["dispersion"], r["knn_ppl"]), textcoords="offset points", xytext=(3, 2),
+                            fontsize=6, color=color)
+        if rs:
+            ax.axhline(rs[0]["base_ppl"], color="#777777", linestyle="--", linewidth=0.8, label="base model")
+        fig.style(ax, f"{model}@{rev}", "dispersion (last token, Table 1)", "kNN-LM perplexity (test half)")
+        fig.annotate(ax, [(None, "black", spearman([r["dispersion"] for r in rs], [r["knn_ppl"] for r in rs]))])
+    for j in range(len(groups), fig.axes.size):
+        fig.off(fig.ax(j // cols, j % cols))
+    fig.legend()
+    return fig.render("kNN-LM perplexity vs dispersion of each candidate key (paper 001 Sec. 3.3)")
+
+
+def plot_chunks(chunks: pa.Table, finals: dict[tuple[str, str], str]) -> bytes:
+    """Fig. 34: per chunk, the base model's perplexity against the within-chunk dispersion of
+    the final block's ``resid_mid`` (h_att) and ``block`` (h_ffn), one panel per model@revision."""
+    rows = chunks.to_pylist()
+    groups = list(finals)
+    colors = {"resid_mid": category_colors(["a"])["a"], "block": category_colors(["a", "b", "c", "d"])["d"]}
+    cols = min(3, max(1, len(groups)))
+    fig = Figure(math.ceil(max(1, len(groups)) / cols), cols, width=3.4, height=2.7)
+    for i, g in enumerate(groups):
+        ax = fig.ax(i // cols, i % cols)
+        notes = []
+        for site, label in (("resid_mid", "h_att (resid_mid)"), ("block", "h_ffn (block)")):
+            pts = [r for r in rows
+                   if (r["model"], r["revision"]) == g and r["layer"] == finals[g] and r["site"] == site]
+            if not pts:
+                continue
+            ax.scatter([r["within"] for r in pts], [r["ppl"] for r in pts], color=colors[site], s=8, alpha=0.7,
+                       label=label)
+            notes.append((label, colors[site], spearman([r["within"] for r in pts], [r["ppl"] for r in pts])))
+        fig.style(ax, f"{g[0]}@{g[1]}, block {finals[g]}", "within-chunk dispersion", "chunk perplexity", logy=True)
+        fig.annotate(ax, notes)
+    for j in range(len(groups), fig.axes.size):
+        fig.off(fig.ax(j // cols, j % cols))
+    fig.legend()
+    return fig.render("Perplexity vs sub-layer dispersion per chunk (paper 001 Fig. 34)")
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def summary_markdown(tables: dict[str, pa.Table], finals: dict[tuple[str, str], str]) -> str:
+    v = tables["knnlm_verdict"]
+    c = tables["knnlm_candidates"]
+    t1 = tables["knnlm_table1"].to_pylist()
+    out = ["**Verdict** (perplexities on the test half; rho: Spearman of dispersion vs improvement over "
+           "the candidates; att = `resid_mid`, ffn = `block` of the final block):", "",
+           md_table(v, ["model", "revision", "candidates", "rho", "p", "tuned_rho", "most_dispersed", "best",
+                        "best_tuned", "most_dispersed_is_best", "att_more_dispersed", "att_better"]),
+           "**Candidates**:", "",
+           md_table(c, ["model", "key", "dispersion", "within", "base_ppl", "knn_ppl", "improvement_pct",
+                        "tuned_lambda", "tuned_ppl", "tuned_improvement_pct"], limit=200)]
+    ns = sorted({r["n_chunks"] for r in t1})
+    lines = ["| model | site | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|---|" + "---|" * len(ns)]
+    for g, layer in finals.items():
+        for site in dict.fromkeys(r["site"] for r in t1):
+            cells = {r["n_chunks"]: _pm(r["mean"], r["std"]) for r in t1
+                     if (r["model"], r["revision"]) == g and r["layer"] == layer and r["site"] == site}
+            if cells:
+                lines.append(f"| {g[0]} | {site} | " + " | ".join(cells.get(n, "") for n in ns) + " |")
+    out += ["**Table 1** (final block, last-token dispersion, mean ± std over seeds; every layer in "
+            "`knnlm_table1`):", "", "\n".join(lines), ""]
+    return "\n".join(out)
+
+
+# -- the step ------------------------------------------------------
+
+def run(ctx: StepContext) -> Section:
+    """Plan, build what is missing (in process), measure Table 1 and every candidate's kNN-LM,
+    and publish the verdict."""
+    opts: KnnlmOptions = ctx.options("knnlm")
+    plans = plan(ctx.config, ctx.store, opts, log=ctx.log)
+    build(ctx.store, plans, log=ctx.log)
+    results = [measure(ctx.store, p, opts, log=ctx.log) for p in plans]
+    tables = tables_of(results)
+    finals = {(p.mr.model, p.mr.revision): str(p.n_layers) for p in plans}
+    figures = {"knnlm": plot_knnlm(tables["knnlm_candidates"]),
+               "knnlm_chunks": plot_chunks(tables["knnlm_chunks"], finals)}
+    return STEP.section(tables=tables, figures=figures, markdown=summary_markdown(tables, finals))
+
+
+STEP = Step(name="knnlm", title="Layer selection for kNN-LM: dispersion vs a real kNN-LM",
+            paper="001 Sec. 3.3, Table 1, B.3, Fig. 34",
+            tables=("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_chunks"),
+            run=run, options=KnnlmOptions, default=KnnlmOptions)

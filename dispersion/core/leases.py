@@ -1,0 +1,141 @@
+"""Leases: which run is working on a piece of work right now, so that concurrent runs and
+retries split the work instead of doing it twice.
+
+A lease is a small JSON object (``owner``, ``host``, ``pid``, ``expires``, ``note``) at a path
+under the store (``_leases/...`` for work units, see :func:`dispersion.core.layout.unit_lease`),
+written with an exclusive create (:meth:`dispersion.core.storage.Store.create`: a hard link
+locally, ``If-None-Match: *`` on S3). Whoever creates it holds it until it is released or
+expires:
+
+* ``claim`` takes a free lease, re-takes one of its own ``owner`` (a retry of the same run),
+  takes over an expired one, and otherwise returns the holder's lease;
+* ``renew`` pushes ``expires`` forward (the holder calls it while it works);
+* ``release`` deletes it once the work is published.
+
+Renewing, releasing and taking over are conditional on the version the caller read
+(``replace_if``/``delete_if``), so two runs that find one expired lease cannot both take it
+(locally and on S3; other object stores get a best-effort emulation). Expiry compares the
+``expires`` a host wrote with the reader's wall clock: hosts sharing a store should have
+clocks that agree to well within ``seconds`` (NTP). A holder that stops renewing (a killed
+process) keeps its work leased until ``expires``; a holder too slow to renew may lose its
+lease and then only repeats work whose outputs are published atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+from dispersion.core.storage import Store
+
+LEASE_SECONDS = 600.0  # how long a lease lives without renewal
+
+
+def new_owner() -> str:
+    """A token naming one run (host, process and a random part)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def describe(lease: dict, now: float | None = None) -> str:
+    """``host pid N, expires in Ts`` for log lines."""
+    left = float(lease.get("expires", 0)) - (time.time() if now is None else now)
+    return f"{lease.get('host', '?')} pid {lease.get('pid', '?')}, expires in {max(0.0, left):.0f}s"
+
+
+class Leases:
+    """The leases one run (``owner``) holds in ``store``; each lives ``seconds`` unless renewed."""
+
+    def __init__(self, store: Store, owner: str | None = None, seconds: float = LEASE_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.owner = owner or new_owner()
+        self.seconds = float(seconds)
+        self.clock = clock
+        self._held: dict[str, tuple[str, bytes, float]] = {}  # rel -> (tag, body, monotonic time written)
+
+    def _body(self, note: str) -> bytes:
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": round(self.clock() + self.seconds, 3), "note": note}).encode()
+
+    def holds(self, rel: str) -> bool:
+        return rel in self._held
+
+    def claim(self, rel: str, note: str = "") -> dict | None:
+        """Take the lease at ``rel``: ``None`` when this owner holds it now, else the live
+        lease of the run that holds it."""
+        for _ in range(8):
+            body = self._body(note)
+            tag = self.store.create(rel, body)
+            if tag is not None:
+                self._held[rel] = (tag, body, time.monotonic())
+                return None
+            current = self.store.read_versioned(rel)
+            if current is None:  # released meanwhile
+                continue
+            data, tag = current
+            lease = _parse(data)
+            if lease.get("owner") == self.owner:  # ours: a retry of this run
+                new = self.store.replace_if(rel, body, tag)
+                if new is not None:
+                    self._held[rel] = (new, body, time.monotonic())
+                    return None
+                continue
+            if lease and float(lease.get("expires", 0)) > self.clock():
+                return lease
+            self.store.delete_if(rel, tag)  # expired (or unreadable): whoever deletes this version takes over
+        current = self.store.read_versioned(rel)
+        return (_parse(current[0]) if current else {}) or {"owner": "?", "expires": self.clock() + self.seconds}
+
+    def renew(self, rel: str, force: bool = False) -> bool:
+        """Push the expiry of a held lease forward (at most every quarter lease unless
+        ``force``); False when the lease was lost to another run."""
+        if rel not in self._held:
+            return False
+        tag, body, written = self._held[rel]
+        if not force and time.monotonic() - written < self.seconds / 4:
+            return True
+        note = _parse(body).get("note", "")
+        new_body = self._body(note)
+        new = self.store.replace_if(rel, new_body, tag)
+        if new is None:
+            current = self.store.read_versioned(rel)
+            if current is None or current[0] != new_body:  # not a retried write of ours
+                del self._held[rel]
+                return False
+            new = current[1]
+        self._held[rel] = (new, new_body, time.monotonic())
+        return True
+
+    def release(self, rel: str) -> None:
+        """Give up the lease at ``rel``: the one this object holds, or else one of this owner's
+        written by another process of the same run (a retried Ray actor)."""
+        held = self._held.pop(rel, None)
+        if held is not None and self.store.delete_if(rel, held[0]):
+            return
+        current = self.store.read_versioned(rel)
+        if current is not None and _parse(current[0]).get("owner") == self.owner:
+            self.store.delete_if(rel, current[1])
+
+    def release_all(self) -> None:
+        for rel in list(self._held):
+            self.release(rel)
+
+    def holder(self, rel: str) -> dict | None:
+        """The live lease at ``rel`` (anyone's), ``None`` when it is free or expired."""
+        current = self.store.read_versioned(rel)
+        if current is None:
+            return None
+        lease = _parse(current[0])
+        return lease if lease and float(lease.get("expires", 0)) > self.clock() else None

@@ -1,0 +1,144 @@
+"""Command-line changes to a run config, applied to its raw mapping before validation.
+
+Three forms, as lm-evaluation-harness users type them::
+
+    --model EleutherAI/pythia-70m@step1000        a hub id (or local folder) at a revision
+    --model pythia=EleutherAI/pythia-70m@step1000,step2000   named, several revisions
+    --model zoo:gpt2-tiny@all   --model packaged:smollm2-135m   --model gguf:/path/model.gguf
+    --dataset embedded:prose    --dataset embedded:code:test
+    --dataset hf:wikitext:wikitext-103-raw-v1:validation:text
+    -o sampling.num_segments=200 -o models.0.dtype=bfloat16 -o extraction.layers=[1,final]
+
+``--model`` / ``--dataset`` replace the config's whole ``models`` / ``datasets`` list (you
+scan what you name); ``-o key.path=value`` then sets one field, the value read as YAML
+(``true``, ``12``, ``[1, final]``, ``{path: x}``), a number in the path indexing a list.
+Validation of the result is the config's own, so errors name the field as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from dispersion.core.errors import ConfigError
+
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def _name_of(text: str) -> str:
+    """A config name (``[A-Za-z0-9_.-]+``) from the last path part of ``text``."""
+    base = text.rstrip("/").rsplit("/", 1)[-1] or text
+    return _NAME_BAD.sub("-", base).strip("-") or "model"
+
+
+def _split_name(spec: str, flag: str) -> tuple[str | None, str]:
+    """``NAME=SPEC`` -> (NAME, SPEC); a bare SPEC -> (None, SPEC)."""
+    m = re.match(r"^([A-Za-z0-9_.\-]+)=(.*)$", spec)
+    if m is None:
+        return None, spec
+    if not m.group(2):
+        raise ConfigError(f"{flag} {spec}: nothing after '{m.group(1)}='")
+    return m.group(1), m.group(2)
+
+
+def split_revision(ref: str) -> tuple[str, list[str] | None]:
+    """``org/name@rev1,rev2`` -> (``org/name``, [rev1, rev2]); no ``@`` -> (ref, None)."""
+    if "@" not in ref:
+        return ref, None
+    base, _, revs = ref.rpartition("@")
+    revisions = [r.strip() for r in revs.split(",") if r.strip()]
+    if not base or not revisions:
+        raise ValueError(f"{ref!r}: expected MODEL@REVISION (e.g. EleutherAI/pythia-70m@step1000)")
+    return base, revisions
+
+
+def model_entry(spec: str) -> dict[str, Any]:
+    """One ``--model`` value as a ``models`` entry of the config."""
+    name, body = _split_name(spec.strip(), "--model")
+    kind, sep, rest = body.partition(":")
+    if sep and kind in ("zoo", "packaged", "gguf"):
+        ref, revisions = split_revision(rest) if kind == "zoo" else (rest, None)
+        if not ref:
+            raise ConfigError(f"--model {spec}: nothing after '{kind}:'")
+        entry: dict[str, Any] = {"name": name or _name_of(ref), kind: ref}
+        if revisions is not None:
+            entry["revisions"] = "all" if revisions == ["all"] else revisions
+        return entry
+    try:
+        ref, revisions = split_revision(body)
+    except ValueError as err:
+        raise ConfigError(f"--model {err}") from None
+    if not ref:
+        raise ConfigError("--model: empty model id")
+    entry = {"name": name or _name_of(ref), "id": ref}
+    if revisions is not None:
+        entry["revisions"] = revisions
+    return entry
+
+
+def dataset_entry(spec: str) -> dict[str, Any]:
+    """One ``--dataset`` value (``embedded:DOMAIN[:SPLIT]`` or
+    ``hf:PATH[:NAME[:SPLIT[:FIELD]]]``) as a ``datasets`` entry of the config."""
+    name, body = _split_name(spec.strip(), "--dataset")
+    kind, _, rest = body.partition(":")
+    parts = rest.split(":") if rest else []
+    if kind == "embedded" and 1 <= len(parts) <= 2:
+        entry: dict[str, Any] = {"name": name or parts[0], "embedded": parts[0]}
+        if len(parts) == 2:
+            entry["split"] = parts[1]
+        return entry
+    if kind == "hf" and 1 <= len(parts) <= 4 and parts[0]:
+        keys = ("path", "name", "split", "text_field")
+        hf = {k: v for k, v in zip(keys, parts, strict=False) if v}
+        default = _name_of(parts[1]) if len(parts) > 1 and parts[1] else _name_of(parts[0])
+        return {"name": name or default, "hf": hf}
+    raise ConfigError(f"--dataset {spec}: expected embedded:DOMAIN[:SPLIT] or hf:PATH[:NAME[:SPLIT[:FIELD]]]")
+
+
+def set_path(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` (value read as YAML) to ``data`` in place."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"-o {assignment}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"-o {key}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"-o {key}: {where}: no list item {part} (the list has {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"-o {key}: {'.'.join(parts[:i])} is a value, not a mapping or list")
+
+
+def apply_overrides(data: dict[str, Any], *, models: Sequence[str] = (), datasets: Sequence[str] = (),
+                    overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A copy of the raw config ``data`` with the command line's models, datasets and
+    ``-o`` assignments applied, in that order."""
+    out = copy.deepcopy(data)
+    if models:
+        out["models"] = [model_entry(m) for m in models]
+    if datasets:
+        out["datasets"] = [dataset_entry(d) for d in datasets]
+    for assignment in overrides:
+        set_path(out, assignment)
+    return out

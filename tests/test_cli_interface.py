@@ -1,0 +1,132 @@
+"""The researcher's command line: ``scan --model/--dataset/-o`` without writing YAML, and
+``query`` results that read well piped or written to a file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dispersion.core.catalog import build_catalog
+from dispersion.core.columns import columns_markdown, describe
+from dispersion.core.storage import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dispersion.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "store"
+    store = Store(str(path))
+    long_text = "a segment, with commas,\nand a newline " * 30
+    store.write_table("results/texts/default.parquet", pa.table({"segment_id": [0, 1], "text": [long_text, "b"]}))
+    store.write_table("results/bins/default.parquet",
+                      pa.table({"model": ["m", "m"], "bin": [0, 1], "dispersion": [0.25, 0.5]}))
+    build_catalog(store)
+    return path
+
+
+def test_query_in_a_pipe_is_csv_with_whole_cells(root, tmp_path):
+    out = _cli("query", "--root", str(root), "SELECT segment_id, text FROM texts ORDER BY 1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert rows[0] == ["segment_id", "text"] and len(rows) == 3
+    assert rows[1][1] == "a segment, with commas,\nand a newline " * 30  # not cut at 80 columns
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "markdown"])
+def test_query_formats(root, tmp_path, fmt):
+    out = _cli("query", "--root", str(root), "SELECT bin, dispersion FROM bins ORDER BY bin", "--format", fmt,
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    if fmt == "json":
+        assert json.loads(out.stdout) == [{"bin": 0, "dispersion": 0.25}, {"bin": 1, "dispersion": 0.5}]
+    elif fmt == "jsonl":
+        assert [json.loads(x) for x in out.stdout.splitlines()][1] == {"bin": 1, "dispersion": 0.5}
+    else:
+        assert out.stdout.splitlines() == ["| bin | dispersion |", "|---|---|", "| 0 | 0.25 |", "| 1 | 0.5 |"]
+
+
+def test_query_output_file_takes_its_format_from_the_suffix(root, tmp_path):
+    target = tmp_path / "bins.parquet"
+    out = _cli("query", "--root", str(root), "FROM bins", "--output", str(target), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert pq.read_table(target).column("dispersion").to_pylist() == [0.25, 0.5]
+    assert out.stdout == "" and "2 rows" in out.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--format", "xml"], "--format: unknown format 'xml'"),
+    (["--format", "parquet"], "--format parquet: give --output FILE"),
+    ([], 'Did you mean "bins"?'),
+])
+def test_query_errors_are_one_line(root, tmp_path, args, says):
+    sql = "FROM bin" if not args else "FROM bins"
+    out = _cli("query", "--root", str(root), sql, *args, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0]
+
+
+def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
+    """lm-eval's style: no config file, the model and dataset named on the command line."""
+    store = tmp_path / "store"
+    zoo = yaml.safe_dump(micro_zoo.model_dump(), default_flow_style=True).strip()
+    out = _cli("scan", "--model", "tiny=zoo:gpt2-tiny@step20", "--dataset", "embedded:prose", "--root", str(store),
+               "-o", f"zoo={zoo}", "-o", "sampling.num_segments=40", "-o", "sampling.segment_length=32",
+               "-o", "analysis.bin_size=10", "-o", "extraction.layers=[final]", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\r" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr  # no bars, no colours
+    assert "…" not in out.stdout  # tables are not squeezed to 80 columns in a pipe
+    # the report: metadata and findings (rho, p, n) first, then appendices; a self-contained HTML page
+    md = (store / "results" / "report" / "tiny.md").read_text()
+    assert md.index("| run | `tiny`") < md.index("## Findings") < md.index("## Appendix A") < md.index("## Appendix B")
+    assert "| model | revision | dataset | scope | bins | Spearman ρ | p | Pearson r | p |" in md
+    html = (store / "results" / "report" / "tiny.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<table>" in html
+    assert 'src="data:image/png;base64,' in html and 'src="tiny.png"' not in html
+    q = _cli("query", "--root", str(store), "SELECT model, revision, dataset, count(*) AS n FROM features GROUP BY ALL",
+             "--format", "json", cwd=tmp_path)
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout) == [{"model": "tiny", "revision": "step20", "dataset": "prose", "n": 40}]
+    # every row carries its run and numeric step; the runs table says what each run was
+    for view in ("features", "bins", "correlations"):
+        q = _cli("query", "--root", str(store), f"SELECT DISTINCT step, run FROM {view}", "--format", "json",
+                 cwd=tmp_path)
+        assert json.loads(q.stdout) == [{"step": 20, "run": "tiny"}], (view, q.stderr)
+    q = _cli("query", "--root", str(store), "SELECT name, models, units, ran FROM runs", "--format", "json",
+             cwd=tmp_path)
+    assert json.loads(q.stdout) == [{"name": "tiny", "models": ["tiny"], "units": 1, "ran": 1}]
+    # docs/CATALOG.md describes every column of the main views
+    for view in ("features", "vectors", "segments", "bins", "correlations", "specs", "runs", "revisions"):
+        q = _cli("query", "--root", str(store), f"DESCRIBE {view}", "--format", "json", cwd=tmp_path)
+        undocumented = [r["column_name"] for r in json.loads(q.stdout) if describe(view, r["column_name"]) is None]
+        assert not undocumented, (view, undocumented)
+
+
+def test_the_column_reference_is_generated():
+    assert (REPO / "docs" / "CATALOG.md").read_text() == columns_markdown()
+
+
+def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
+    store = tmp_path / "store"
+    bad = _cli("scan", "--model", "zoo:gpt2-tiny", "-o", "sampling.num_segmentz=3", "--root", str(store),
+               cwd=tmp_path)
+    assert not store.exists()
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and lines == ["error: <command line>: sampling.num_segmentz: Extra inputs are not "
+                                             "permitted"]
