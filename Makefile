@@ -36,8 +36,10 @@ lint: install
 	$(VENV)/bin/ruff check dispersion tasks flows
 	$(VENV)/bin/mypy
 
+# two workers, one torch thread each (a file's tests stay in one worker: module fixtures, servers)
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install
 	$(PY) bench/bench_metrics.py
