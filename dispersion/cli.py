@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from dispersion.core.errors import DispersionError
+from dispersion.core.threads import set_torch_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -127,6 +128,7 @@ def report(config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt
 
     cfg = _load(config, model, dataset, overrides)
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    set_torch_threads(log=typer.echo)
     units = plan(cfg, store, sample=False)
     tables, rep, catalog = aggregate(cfg, store, units)
     from dispersion.report.markdown import print_tables
@@ -157,6 +159,7 @@ def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
         if bad:
             raise ConfigError(f"steps: unknown step {bad[0]!r} (known: {', '.join(ANALYSIS_STEPS)}, all)")
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    set_torch_threads(log=typer.echo)
     units = plan(cfg, store, log=lambda m: None, sample=False)
     _, rep, catalog = aggregate(cfg, store, units, log=typer.echo, only=only)
     typer.echo(f"report: {rep['summary']}\ncatalog: {catalog}")
@@ -181,6 +184,7 @@ def train_sweep(config: Annotated[str, typer.Option("--config", "-c", help="Swee
 
     cfg = load_sweep_config(config)
     _preflight(cfg.root, cfg)
+    set_torch_threads(log=typer.echo)
     out = run_sweep(cfg, log=typer.echo)
     typer.echo(f"report: {out['report']}\ncatalog: {out['catalog']}")
 

@@ -24,6 +24,7 @@ from dispersion.core.errors import ConfigError
 from dispersion.core.ids import revision_order, step_of
 from dispersion.core.layout import result_path
 from dispersion.core.storage import Store
+from dispersion.core.threads import set_torch_threads
 from dispersion.measure.scan import ScanStats, WorkUnit, execute, plan, write_manifest
 from dispersion.report.markdown import publish_report
 from dispersion.training.zoo import build_zoo
@@ -99,6 +100,7 @@ def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = Tru
              log: Callable[[str], None] = print) -> ScanResult:
     """Build missing zoo models, extract every pending unit in process, aggregate, report."""
     store = Store(root or config.root)
+    set_torch_threads(log=log)
     ensure_zoo(config, progress=progress)
     units = plan(config, store, log=log)
     stats = execute(units, config, store, progress=progress, log=log)

@@ -26,6 +26,7 @@ from dispersion.core.config import RaySpec
 from dispersion.core.errors import DispersionError
 from dispersion.core.leases import LEASE_SECONDS, Leases, describe, new_owner
 from dispersion.core.storage import Store
+from dispersion.core.threads import set_torch_threads
 from dispersion.measure.scan import WorkUnit, balance, is_done, load_extractor, poll_seconds, run_leased
 
 
@@ -69,16 +70,13 @@ class ExtractActor:
     """Holds the current model@revision's extractor; runs one work unit per call."""
 
     def __init__(self, config_json: str, root: str, owner: str, lease_seconds: float = LEASE_SECONDS):
-        import torch
 
         self.config = RunConfig.model_validate_json(config_json)
         self.store = Store(root)
         self.leases = Leases(self.store, owner=owner, seconds=lease_seconds)
         self.current: tuple[str, str] | None = None
         self.extractor = None
-        threads = int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 0)
-        if threads:
-            torch.set_num_threads(threads)
+        set_torch_threads()  # OMP_NUM_THREADS: this actor's num_cpus (runtime_env)
 
     def pid(self) -> int:
         return os.getpid()

@@ -18,22 +18,19 @@ import ray
 
 from dispersion.config import RunConfig
 from dispersion.core.storage import Store
+from dispersion.core.threads import set_torch_threads
 from dispersion.measure.knnlm import KnnUnit
 from tasks.ray_extract import connect, gather
 
 
 @ray.remote
 def _build_unit(root: str, unit: KnnUnit, bos: int | None) -> dict:
-    import os
 
-    import torch
 
     from dispersion.measure.knnlm import run_unit, unit_done
     from dispersion.measure.modeling import load_model, resolve_device
 
-    threads = int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 0)
-    if threads:
-        torch.set_num_threads(threads)
+    set_torch_threads()  # OMP_NUM_THREADS: this task's num_cpus (runtime_env)
     store = Store(root)
     if unit_done(store, unit, log=lambda m: None):
         return store.read_json(unit.marker_rel) or {}

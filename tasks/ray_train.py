@@ -14,19 +14,16 @@ from collections.abc import Callable
 import ray
 
 from dispersion.core.storage import Store
+from dispersion.core.threads import set_torch_threads
 from dispersion.training.sweep import Arm, SweepConfig, arm_rel, run_arm
 from tasks.ray_extract import connect, gather
 
 
 @ray.remote
 def _train_arm(config_json: str, arm: Arm) -> str:
-    import os
 
-    import torch
 
-    threads = int(float(os.environ.get("OMP_NUM_THREADS", "0")) or 0)
-    if threads:
-        torch.set_num_threads(threads)
+    set_torch_threads()  # OMP_NUM_THREADS: this task's num_cpus (runtime_env)
     cfg = SweepConfig.model_validate_json(config_json)
     return run_arm(cfg, arm, Store(cfg.root), log=lambda m: None)
 

@@ -92,6 +92,7 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\r" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr  # no bars, no colours
     assert "…" not in out.stdout  # tables are not squeezed to 80 columns in a pipe
+    assert "torch: 1 intra-op thread (OMP_NUM_THREADS)" in out.stdout  # threads follow the CPU budget
     # the report: metadata and findings (rho, p, n) first, then appendices; a self-contained HTML page
     md = (store / "results" / "report" / "tiny.md").read_text()
     assert md.index("| run | `tiny`") < md.index("## Findings") < md.index("## Appendix A") < md.index("## Appendix B")
