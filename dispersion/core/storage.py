@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
@@ -371,20 +372,24 @@ class Store:
             return None
         return data, _content_tag(data)
 
+    def _local_if(self, rel: str, tag: str, action: Callable[[], object]) -> bool:
+        """Under the folder's lock, run ``action`` only while ``rel``'s version tag is ``tag``;
+        whether it ran (not when the file changed, vanished, or its folder is gone)."""
+        try:
+            with _FolderLock(self.path(rel).rsplit("/", 1)[0]):
+                current = self.read_versioned(rel)
+                if current is None or current[1] != tag:
+                    return False
+                action()
+        except FileNotFoundError:  # the folder is gone
+            return False
+        return True
+
     @_retrying
     def replace_if(self, rel: str, data: bytes, tag: str) -> str | None:
         """Overwrite ``rel`` only while its version tag is ``tag``; the new tag, else ``None``."""
         if self.local:
-            final = self.path(rel)
-            try:
-                with _FolderLock(final.rsplit("/", 1)[0]):
-                    current = self.read_versioned(rel)
-                    if current is None or current[1] != tag:
-                        return None
-                    self._publish(rel, data)
-            except FileNotFoundError:  # the folder is gone
-                return None
-            return _content_tag(data)
+            return _content_tag(data) if self._local_if(rel, tag, lambda: self._publish(rel, data)) else None
         if self.conditional:
             try:
                 return self.fs.call_s3("put_object", Body=data, IfMatch=tag, **self._s3_key(rel))["ETag"]
@@ -404,16 +409,7 @@ class Store:
     def delete_if(self, rel: str, tag: str) -> bool:
         """Delete ``rel`` only while its version tag is ``tag``; whether this call deleted it."""
         if self.local:
-            final = self.path(rel)
-            try:
-                with _FolderLock(final.rsplit("/", 1)[0]):
-                    current = self.read_versioned(rel)
-                    if current is None or current[1] != tag:
-                        return False
-                    os.remove(final)
-            except FileNotFoundError:  # the folder is gone
-                return False
-            return True
+            return self._local_if(rel, tag, lambda: os.remove(self.path(rel)))
         if self.conditional:
             try:
                 self.fs.call_s3("delete_object", IfMatch=tag, **self._s3_key(rel))
