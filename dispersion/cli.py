@@ -1,5 +1,5 @@
-"""The ``dispersion`` command line: ``zoo build``, ``scan``, ``analyze``, ``query``, ``report``,
-``verify``, ``train-sweep``, ``losses``.
+"""The ``dispersion`` command line: ``zoo build``, ``scan``, ``analyze``, ``hardness``, ``query``,
+``report``, ``verify``, ``train-sweep``, ``losses``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so
 ``--help`` and ``query`` start fast. Every :class:`DispersionError` ends the command with
@@ -163,6 +163,57 @@ def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
     units = plan(cfg, store, log=lambda m: None, sample=False)
     _, rep, catalog = aggregate(cfg, store, units, log=typer.echo, only=only)
     typer.echo(f"report: {rep['summary']}\ncatalog: {catalog}")
+
+
+@app.command()
+def hardness(samples: Annotated[Optional[list[str]], typer.Option(
+                 "--samples", help="lm-evaluation-harness sample logs of the model (`samples_<task>_*.jsonl` from "
+                                   "`lm_eval --log_samples`): files, folders or globs (repeatable).")] = None,
+             table: Annotated[Optional[list[str]], typer.Option(
+                 "--table", help="A query table (CSV/Parquet: query_id, text, correct[, task, slice]) of the "
+                                 "model (repeatable).")] = None,
+             metric: Annotated[str, typer.Option(help="The per-document 0/1 metric of the logs read as the label.")]
+             = "acc",
+             cloze: Annotated[Optional[bool], typer.Option(
+                 "--cloze/--no-cloze", help="Also the embedded cloze, answered by every model (default: only "
+                                            "when neither --samples nor --table is given).")] = None,
+             config: ConfigOpt = None, model: ModelOpt = None, overrides: SetOpt = None, root: RootOpt = None,
+             trust_remote_code: TrustOpt = False) -> None:
+    """Rank examples by hardness and calibrate accuracy by dispersion (paper 001 Sec. 3.1, B.1).
+
+    The logs and tables belong to the first model (its last revision); the embedded cloze is
+    answered by every model. Runs the ``hardness`` step alone: tables, figures, report section
+    and catalog views; no scan needed. The ``hardness`` flow does the same on Ray.
+
+    \b
+    dispersion hardness -m meta-llama/Llama-3.2-1B-Instruct --samples out/samples_mmlu_*.jsonl
+    dispersion hardness -m packaged:smollm2-135m              # the embedded cloze
+    """
+    import json
+
+    from dispersion.analyses import STEPS, StepContext
+    from dispersion.analyses.hardness import ClozeSet
+    from dispersion.analyses.registry import run_steps
+    from dispersion.core.catalog import build_catalog
+    from dispersion.core.layout import section_path
+    from dispersion.run import ensure_zoo
+
+    base = _load(config, model, None, overrides)
+    owner = base.models[0].name
+    sets: list[dict] = []
+    if samples:
+        sets.append({"kind": "lm_eval", "paths": list(samples), "model": owner, "metric": metric})
+    sets += [{"kind": "table", "path": t, "model": owner} for t in table or []]
+    if cloze or (cloze is None and not sets):
+        sets += [s.model_dump() for s in base.analysis.hardness.query_sets if isinstance(s, ClozeSet)] or [
+            {"kind": "embedded_cloze", "domain": "prose"}, {"kind": "embedded_cloze", "domain": "code"}]
+    cfg = _load(config, model, None, [*(overrides or []), f"analysis.hardness.query_sets={json.dumps(sets)}"])
+    store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
+    set_torch_threads(log=typer.echo)
+    ensure_zoo(cfg)
+    run_steps(STEPS, StepContext(cfg, store, [], {}, log=typer.echo), only=["hardness"])
+    catalog = build_catalog(store)
+    typer.echo(f"report section: {store.path(section_path(cfg.name, 'hardness'))}\ncatalog: {catalog}")
 
 
 @app.command()

@@ -4,6 +4,7 @@
     python -m flows checkpoint-sweep --config C --model M (--revisions step1 step2 | --glob 'dir/step*')
     python -m flows train-sweep --config configs/train-sweep.yaml
     python -m flows knnlm --config configs/knnlm.yaml [--root R]
+    python -m flows hardness --config configs/analyses.yaml [--root R] [-o analysis.hardness.query_sets=...]
 
 Before Prefect and Ray start, :func:`dispersion.core.preflight.preflight` checks the config,
 the consent for remote code and the root, as the ``dispersion`` commands do.
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     scan = sub.add_parser("scan-models", help="scan every model@revision of a config")
     sweep = sub.add_parser("checkpoint-sweep", help="one model over revisions or checkpoint folders")
     knn = sub.add_parser("knnlm", help="kNN-LM datastores on Ray, then the scan and its steps (knnlm)")
-    for q in (scan, sweep, knn):
-        q.add_argument("--config", default="configs/knnlm.yaml" if q is knn else "configs/default.yaml")
+    hard = sub.add_parser("hardness", help="query sets measured on Ray, then the scan and its steps (hardness)")
+    defaults = {knn: "configs/knnlm.yaml", hard: "configs/analyses.yaml"}
+    for q in (scan, sweep, knn, hard):
+        q.add_argument("--config", default=defaults.get(q, "configs/default.yaml"))
         q.add_argument("--root", default=None)
         q.add_argument("--trust-remote-code", action="store_true",
                        help="allow the config's trust_remote_code: true (runs code from a model's repository)")
@@ -95,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             from flows.knnlm import knnlm
 
             result = knnlm(args.config, args.root, trust_remote_code=args.trust_remote_code, overrides=args.overrides)
+        elif args.flow == "hardness":
+            from flows.hardness import hardness
+
+            result = hardness(args.config, args.root, trust_remote_code=args.trust_remote_code,
+                              overrides=args.overrides)
         else:
             from flows.checkpoint_sweep import checkpoint_sweep
 

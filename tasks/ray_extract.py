@@ -109,6 +109,26 @@ def gather(refs: list, spec: RaySpec, what: str = "unit"):
         yield done[0], ray.get(done[0])
 
 
+def run_tasks(remote_fn, calls: list[tuple], spec: RaySpec, what: str,
+              progress: Callable[[dict], None] | None = None) -> None:
+    """One Ray task per argument tuple of ``calls`` (``spec.num_cpus`` / ``num_gpus`` each, its
+    torch threads from ``OMP_NUM_THREADS = num_cpus``, retried ``spec.max_restarts`` times);
+    ``progress`` gets each task's result dict, with ``elapsed``, as it finishes."""
+    started = connect(spec)
+    task = remote_fn.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_retries=spec.max_restarts,
+                             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.num_cpus))),
+                                                       "TOKENIZERS_PARALLELISM": "false"}})
+    t0 = time.perf_counter()
+    try:
+        refs = [task.remote(*args) for args in calls]
+        for _, result in gather(refs, spec, what):
+            if progress is not None:
+                progress({**result, "elapsed": time.perf_counter() - t0})
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _slots(spec: RaySpec) -> int:
     res = ray.cluster_resources()
     slots = int(res.get("CPU", 1) // spec.num_cpus) if spec.num_cpus else 1

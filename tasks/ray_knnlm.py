@@ -11,7 +11,6 @@ finds every shard published and only searches and scores.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import ray
@@ -20,7 +19,7 @@ from dispersion.config import RunConfig
 from dispersion.core.storage import Store
 from dispersion.core.threads import set_torch_threads
 from dispersion.measure.knnlm import KnnUnit
-from tasks.ray_extract import connect, gather
+from tasks.ray_extract import run_tasks
 
 
 @ray.remote
@@ -52,18 +51,5 @@ def build_on_ray(config: RunConfig, root: str, progress: Callable[[dict], None] 
                                                  if not unit_done(store, u, log)]
     if not pending:
         return 0
-    spec = config.ray
-    started = connect(spec)
-    task = _build_unit.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_retries=spec.max_restarts,
-                               runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.num_cpus))),
-                                                         "TOKENIZERS_PARALLELISM": "false"}})
-    t0 = time.perf_counter()
-    try:
-        refs = [task.remote(root, u, bos) for u, bos in pending]
-        for _, marker in gather(refs, spec, "kNN-LM shard"):
-            if progress is not None:
-                progress({**marker, "elapsed": time.perf_counter() - t0})
-    finally:
-        if started:
-            ray.shutdown()
+    run_tasks(_build_unit, [(root, u, bos) for u, bos in pending], config.ray, "kNN-LM shard", progress)
     return len(pending)

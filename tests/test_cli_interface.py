@@ -131,3 +131,26 @@ def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 1 and lines == ["error: <command line>: sampling.num_segmentz: Extra inputs are not "
                                              "permitted"]
+
+
+def test_hardness_command_on_lm_eval_logs(micro_zoo, tmp_path):
+    """`dispersion hardness`: an lm-eval sample log of one model, no scan and no config file."""
+    log = next((REPO / "tests" / "data" / "lm_eval").glob("samples_py_cloze_*.jsonl"))
+    store = tmp_path / "store"
+    zoo = yaml.safe_dump(micro_zoo.model_dump(), default_flow_style=True).strip()
+    common = ["--model", "tiny=zoo:gpt2-tiny@step20", "--root", str(store), "-o", f"zoo={zoo}"]
+    bad = _cli("hardness", *common, "--samples", str(tmp_path / "nowhere" / "samples_x_1.jsonl"), cwd=tmp_path)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+    assert not list(store.glob("queries/**/*.parquet"))
+    out = _cli("hardness", *common, "--samples", str(log), "-o", "analysis.hardness.slice_size=4",
+               "-o", "analysis.hardness.seeds=2", "-o", "analysis.hardness.calibration_seeds=1",
+               "-o", "analysis.hardness.regressors=[linear]", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (store / "results" / "report" / "tiny" / "sections" / "hardness.md").exists()
+    q = _cli("query", "--root", str(store), "SELECT queryset, count(*) AS n, sum(correct::int) AS right "
+             "FROM hardness_queries WHERE layer = 'final' AND scope = 'across' GROUP BY ALL", "--format", "json",
+             cwd=tmp_path)
+    assert q.returncode == 0, q.stderr
+    labels = [json.loads(line)["acc"] for line in log.read_text().splitlines()]
+    assert json.loads(q.stdout) == [{"queryset": "py_cloze", "n": len(labels), "right": int(sum(labels))}]

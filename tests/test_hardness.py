@@ -390,3 +390,12 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
     assert [line.split(" in ")[0] for line in third if "measured" in line] == [
         "hardness: gpt2-tiny@step20 measured 25 queries of cloze-code"]
     assert pq.read_table(store.path("results/hardness_slices/t.parquet")).to_pylist() == read["hardness_slices"]
+    # the flow's path: a shard whose marker is gone is measured again by a Ray task, identically
+    from dispersion.core.layout import QUERY_MARKERS
+    from tasks.ray_hardness import measure_on_ray
+
+    before = {m: store.read_json(m)["checksums"] for m in store.glob(QUERY_MARKERS)}
+    gone = next(m for m in sorted(before) if "model=llama-small" in m and "queryset=answers" in m)
+    store.remove(gone)
+    assert measure_on_ray(cfg, str(tmp_path / "root"), log=lambda m: None) == 2  # two model revisions
+    assert {m: store.read_json(m)["checksums"] for m in store.glob(QUERY_MARKERS)} == before

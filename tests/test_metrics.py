@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import reference as naive
@@ -14,6 +16,7 @@ from dispersion.measure.metrics import (
     dispersion_gap,
     euclidean_dispersion,
     mean_cosine_distance_between,
+    mean_cosine_distance_to_rest,
     mean_euclidean_distance_between,
     vendi_score,
 )
@@ -225,3 +228,85 @@ def test_mismatched_dimensions_and_bad_chunk():
         mean_euclidean_distance_between(A, B)
     with pytest.raises(ValueError, match="chunk_size"):
         euclidean_dispersion(np.ones((3, 2)), chunk_size=0)
+
+
+# ------------------------------------------------- streaming: hard cases, dtypes, no copies
+def _near_parallel(n: int, d: int, offset: float, seed: int = 30) -> np.ndarray:
+    """Rows = one large shared vector + unit noise: mean cosine 1 - O(1 / offset^2)."""
+    rng = _rng(seed)
+    return (offset * rng.normal(size=d) + rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [3.0, 30.0, 300.0])
+def test_cosine_metrics_near_parallel_rows_float32(offset):
+    # D from ~0.1 down to ~1e-5: float32 rounding is refined away where it is no longer small
+    X = _near_parallel(700, 48, offset)  # 700 rows: three row blocks, the last one partial
+    want = naive.dispersion(X)
+    assert cosine_dispersion(X) == pytest.approx(want, rel=RTOL)
+    rest = naive.distance_matrix(X, X).sum(axis=1) / (len(X) - 1)
+    np.testing.assert_allclose(mean_cosine_distance_to_rest(X), rest, rtol=RTOL)
+    A, B = X[:300], X[300:]
+    assert mean_cosine_distance_between(A, B) == pytest.approx(naive.mean_distance_between(A, B), rel=RTOL)
+
+
+def test_cosine_dispersion_float16_and_bfloat16_read_blockwise():
+    torch = pytest.importorskip("torch")
+    X = (_rng(31).normal(size=(600, 40)) + 0.5).astype(np.float16)
+    want = naive.dispersion(X.astype(np.float64))  # the float16 values, exactly
+    assert cosine_dispersion(X) == pytest.approx(want, rel=RTOL)
+    assert cosine_dispersion(torch.from_numpy(X)) == pytest.approx(want, rel=RTOL)
+    Tb = torch.from_numpy(X.astype(np.float32)).bfloat16()
+    assert cosine_dispersion(Tb) == pytest.approx(naive.dispersion(Tb.double().numpy()), rel=RTOL)
+
+
+def test_cosine_dispersion_two_rows_and_extreme_magnitudes():
+    assert cosine_dispersion(np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)) == pytest.approx(1.0, rel=1e-12)
+    assert cosine_dispersion(np.array([[1.0, 1.0], [2.0, 2.0]], np.float16)) == pytest.approx(0.0, abs=1e-12)
+    # float32 rows whose squared norm over- or underflows float32: still exact
+    X = _rng(32).normal(size=(300, 16)).astype(np.float32)
+    X[3] *= np.float32(1e30)
+    X[7] *= np.float32(1e-30)
+    want = naive.dispersion(X.astype(np.float64))
+    assert cosine_dispersion(X) == pytest.approx(want, rel=RTOL)
+
+
+def test_streaming_errors_name_the_row_across_blocks():
+    X = _rng(33).normal(size=(600, 8)).astype(np.float32)
+    X[517, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite values .first in row 517"):
+        cosine_dispersion(X)
+    X[517, 3] = 1.0
+    X[[300, 599]] = 0.0
+    with pytest.raises(ValueError, match=r"row 300 of X is a zero vector.*\(2 zero rows in total\)"):
+        cosine_dispersion(X)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux /proc")
+def test_cosine_metrics_make_no_full_size_copy():
+    X = _rng(34).normal(size=(20_000, 1024)).astype(np.float32) + 0.2  # 82 MB
+    X16 = X.astype(np.float16)
+    labels = np.arange(len(X)) % 7
+    fns = {"cosine": lambda: cosine_dispersion(X), "float16": lambda: cosine_dispersion(X16),
+           "rest": lambda: mean_cosine_distance_to_rest(X), "cluster": lambda: cluster_dispersion(X, labels)}
+    for name, fn in fns.items():
+        fn()  # warm: first calls load kernels
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak-RSS mark
+        before = _status_kb("VmRSS")
+        fn()
+        grew = (_status_kb("VmHWM") - before) * 1024
+        assert grew < 0.75 * X.nbytes, (name, grew)  # a few blocks; any copy of X is >= X.nbytes
+
+
+def test_cluster_dispersion_float32_many_blocks_matches_naive():
+    X = (_rng(35).normal(size=(900, 12)) + 1.0).astype(np.float32)
+    labels = _rng(36).integers(0, 9, size=900)
+    for metric in ("cosine", "euclidean"):
+        got = cluster_dispersion(X, labels, metric)
+        want = naive.cluster_dispersion(X, labels, metric)
+        assert got == pytest.approx(want, rel=RTOL)

@@ -61,3 +61,10 @@ def test_parquet_round_trip():
     assert isinstance(data, bytes)
     back = pq.read_table(io.BytesIO(data))
     assert back.column_names == TABLE.column_names and back["vec"].to_pylist() == TABLE["vec"].to_pylist()
+
+
+def test_json_takes_duckdb_decimals():
+    import duckdb
+
+    table = duckdb.sql("SELECT sum(x) AS s, avg(x)::DECIMAL(6, 2) AS a FROM range(5) t(x)").fetch_arrow_table()
+    assert json.loads(render(table, "json")) == [{"s": 10, "a": 2.0}]

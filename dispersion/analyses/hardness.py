@@ -895,17 +895,28 @@ def file_query_sets(opts: HardnessOptions, mrs: list) -> list:
     return out
 
 
-def run(ctx: StepContext) -> Section:
-    """Measure every query set with its model(s) (stored shards, resumable), then slice,
-    calibrate, rank; tables, two figures and the report section."""
+@dataclass(frozen=True)
+class QueryJob:
+    """One model@revision's share of the step: the query sets it answers (the embedded cloze) or
+    embeds (lm-eval and table sets naming it), all measured with one spec. Picklable, so a Ray
+    task can take it (``tasks/ray_hardness.py``)."""
+
+    mr: Any                      # dispersion.measure.scan.ModelRevision
+    sets: tuple                  # dispersion.measure.queries.QuerySet, ...
+    spec: Any                    # dispersion.measure.queries.QuerySpec
+    device: str
+
+
+def plan_jobs(cfg: Any, opts: HardnessOptions) -> list[QueryJob]:
+    """The measurements the step needs, one :class:`QueryJob` per model@revision, in the order
+    the step reports them (answering revisions first). Builds the cloze sets (one per tokenizer)
+    and reads the query files; loads no model."""
     from dispersion.measure.corpus import embedded_documents
-    from dispersion.measure.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from dispersion.measure.queries import QuerySet, QuerySpec, build_cloze, measure_queries
+    from dispersion.measure.modeling import load_tokenizer, resolve_device, resolve_dtype
+    from dispersion.measure.queries import QuerySet, QuerySpec, build_cloze
     from dispersion.measure.sampling import tokenizer_fingerprint
     from dispersion.measure.scan import model_revisions
 
-    cfg = ctx.config
-    opts: HardnessOptions = ctx.options("hardness")
     all_mrs = model_revisions(cfg)
     cloze_specs = [s for s in opts.query_sets if isinstance(s, ClozeSet)]
     files = file_query_sets(opts, all_mrs)
@@ -917,11 +928,11 @@ def run(ctx: StepContext) -> Section:
     device = resolve_device(cfg.extraction.device)
     bos = cfg.extraction.prepend_bos if opts.prepend_bos is None else opts.prepend_bos
     cloze_cache: dict[str, list] = {}
-    measured: list[tuple[str, str, str, pa.Table]] = []
+    jobs = []
     for mr in order:
-        tok = load_tokenizer(mr.source, field=mr.field)
         sets = []
         if mr in answering:
+            tok = load_tokenizer(mr.source, field=mr.field)
             fp = tokenizer_fingerprint(tok)
             if fp not in cloze_cache:
                 built = []
@@ -933,22 +944,44 @@ def run(ctx: StepContext) -> Section:
                 cloze_cache[fp] = built
             sets += cloze_cache[fp]
         sets += [q for q in files if (q.model, q.revision) == (mr.model, mr.revision)]
-        dtype = resolve_dtype(mr.dtype, device)
         spec = QuerySpec(layers=tuple(opts.layers), sites=(opts.site,), pools=tuple(opts.pools), prepend_bos=bos,
-                         max_tokens=opts.max_tokens, dtype=dtype, batch_size=cfg.extraction.batch_size,
-                         shard_size=opts.shard_size)
-        held: list = []
+                         max_tokens=opts.max_tokens, dtype=resolve_dtype(mr.dtype, device),
+                         batch_size=cfg.extraction.batch_size, shard_size=opts.shard_size)
+        jobs.append(QueryJob(mr, tuple(sets), spec, device))
+    return jobs
 
-        def load(mr=mr, tok=tok, dtype=dtype, held=held):
-            if not held:
-                held.append((load_model(mr.source, dtype=dtype, device=device, field=mr.field), tok))
-            return held[0]
 
-        for qs in sets:
-            t = measure_queries(ctx.store, qs, model_name=mr.model, revision=mr.revision, fingerprint=mr.fingerprint,
-                                spec=spec, load=load, log=ctx.log)
-            measured.append((mr.model, mr.revision, qs.name, t.append_column("text", qs.queries.column("text"))))
-        held.clear()
+def measure_job(store: Any, job: QueryJob, log: Callable[[str], None] = print) -> list[tuple[str, str, str, pa.Table]]:
+    """Measure (or read back, shard by shard) every query set of ``job``; the model and its
+    tokenizer load only when a shard must be computed. Returns ``(model, revision, set, table)``
+    with the queries' text appended."""
+    from dispersion.measure.modeling import load_model, load_tokenizer
+    from dispersion.measure.queries import measure_queries
+
+    mr = job.mr
+    held: list = []
+
+    def load() -> tuple[Any, Any]:
+        if not held:
+            tok = load_tokenizer(mr.source, field=mr.field)
+            held.append((load_model(mr.source, dtype=job.spec.dtype, device=job.device, field=mr.field), tok))
+        return held[0]
+
+    out = []
+    for qs in job.sets:
+        t = measure_queries(store, qs, model_name=mr.model, revision=mr.revision, fingerprint=mr.fingerprint,
+                            spec=job.spec, load=load, log=log)
+        out.append((mr.model, mr.revision, qs.name, t.append_column("text", qs.queries.column("text"))))
+    held.clear()
+    return out
+
+
+def run(ctx: StepContext) -> Section:
+    """Measure every query set with its model(s) (stored shards, resumable; the ``hardness``
+    flow measures them on Ray first), then slice, calibrate, rank; tables, two figures and the
+    report section."""
+    opts: HardnessOptions = ctx.options("hardness")
+    measured = [m for job in plan_jobs(ctx.config, opts) for m in measure_job(ctx.store, job, ctx.log)]
     tables, results = hardness_tables(measured, opts, log=ctx.log)
     main = next((r.variant for r in results), None)
     figures = {}

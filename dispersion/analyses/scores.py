@@ -53,7 +53,7 @@ def read_scores(scores: str | os.PathLike | pa.Table) -> pa.Table:
             else:
                 import pyarrow.parquet as pq
 
-                table = pq.read_table(pa.BufferReader(data))
+                table = pq.ParquetFile(pa.BufferReader(data)).read()
         except DataError:
             raise
         except Exception as err:

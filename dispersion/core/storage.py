@@ -221,7 +221,9 @@ class Store:
         if expected is not None and checksum(data) != expected:
             raise IntegrityError(rel, "checksum mismatch (changed after it was published)")
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns)
+            # ParquetFile.read decodes in this call; the dataset scanner of pq.read_table can drop its
+            # last reference to the Python-owned buffer on an Arrow thread after the interpreter exits
+            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
         except (pa.ArrowException, ValueError, OSError) as err:
             raise IntegrityError(rel, f"unreadable Parquet ({_first_line(err)})") from None
 

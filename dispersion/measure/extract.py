@@ -51,7 +51,7 @@ from dispersion.measure.capture import (
     targets,
 )
 
-__all__ = ["LOGIT_BUDGET", "Extracted", "Extractor", "layer_names", "targets"]
+__all__ = ["LOGIT_BUDGET", "Extracted", "Extractor", "layer_names", "targets", "within_segment"]
 
 LOGIT_BUDGET = 2**26  # fp32 logits held at once (256 MiB): caps the NLL chunk for large vocabularies
 
@@ -66,6 +66,31 @@ class Extracted:
     within: dict[Target, np.ndarray]                 # (layer, site) -> float32 [N]
     timings: dict[str, float] = field(default_factory=dict)
 
+
+
+def within_segment(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    r"""Within-segment token dispersion (Eq. 1 over one segment's token states), per segment.
+
+    .. math::  D_b = 1 - \frac{\|s_b\|^2 - n_b}{n_b (n_b - 1)}, \quad
+               s_b = \sum_{t:\,keep_{bt}} h_{bt} / \|h_{bt}\|
+
+    Two reads of the states and no temporary of their size: the norms, then one batched
+    matrix-vector product with the weights :math:`keep_{bt} / \|h_{bt}\|`; the final sums in
+    float64. Segments with fewer than 2 kept states get NaN.
+
+    Args:
+        h: [B, T, d] float states.
+        keep: [B, T] bool, the positions that count.
+
+    Returns:
+        [B] float64.
+    """
+    w = keep.to(h.dtype) / h.norm(dim=-1).clamp(min=1e-12)   # [B, T]
+    s = torch.bmm(w.unsqueeze(1), h).squeeze(1).double()     # [B, d] sum of unit states
+    n = keep.sum(1)                                            # [B]
+    nf = n.double()
+    within = 1.0 - ((s * s).sum(-1) - nf) / (nf * (nf - 1)).clamp(min=1)
+    return torch.where(n >= 2, within, torch.full_like(within, float("nan")))
 
 class Extractor:
     """Holds a model and extracts features for batches of token-id sequences.
@@ -106,22 +131,18 @@ class Extractor:
         """Pool one target's [B, T, d] states into the current batch's accumulators (a
         :class:`dispersion.measure.capture.Capture` reducer)."""
         st = self._state
-        h = hidden.float()
+        h = hidden.float()                     # [B, T, d]; a copy only for half-precision states
         keep = st["keep"]                      # [B, T] bool
-        n = keep.sum(1)                        # [B]
         out = st["out"]
         if "last" in self.pools:
             out[(*target, "last")] = h[st["rows"], st["last"]]
         if "mean" in self.pools:
-            out[(*target, "mean")] = (h * keep.unsqueeze(-1)).sum(1) / n.clamp(min=1).unsqueeze(-1)
+            n = keep.sum(1).clamp(min=1).unsqueeze(-1).to(h.dtype)
+            out[(*target, "mean")] = torch.bmm(keep.to(h.dtype).unsqueeze(1), h).squeeze(1) / n
         if self.context_pools:
             for c in self.context_lengths:
                 out[(*target, f"c{c}")] = h[:, st["off"] + c - 1]
-        unit = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        s = (unit * keep.unsqueeze(-1)).sum(1)
-        nf = n.double()
-        within = 1.0 - ((s.double() ** 2).sum(-1) - nf) / (nf * (nf - 1)).clamp(min=1)
-        out[(*target, "within")] = torch.where(n >= 2, within, torch.full_like(within, float("nan")))
+        out[(*target, "within")] = within_segment(h, keep)
 
     # -- NLL -----------------------------------------------------------------------------
     def _token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:

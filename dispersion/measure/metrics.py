@@ -1,9 +1,15 @@
 """Representation-dispersion metrics.
 
 Pure functions over 2-D arrays of embeddings (one row per sample / token).
-All computations are done in float64 internally, whatever the input dtype.
-Inputs may be numpy arrays, nested sequences, or torch tensors (converted with
-``.detach().cpu()`` and then to numpy); numpy is the primary interface.
+Inputs may be numpy arrays, nested sequences, or torch tensors; numpy is the primary interface.
+
+The O(N d) cosine metrics (:func:`cosine_dispersion`, :func:`mean_cosine_distance_to_rest`,
+:func:`mean_cosine_distance_between`, :func:`cluster_dispersion`, the cosine terms of
+:func:`dispersion_gap`) stream over row blocks (:mod:`dispersion.measure.blocks`): products in the
+input's precision, sums over rows in float64, no full-size copy; a float32 result too small for
+float32 rounding to be negligible is recomputed from float64 blocks. They agree with the float64
+all-pairs definition to 1e-6 relative. The O(N^2 d) Euclidean metrics and the Vendi score work in
+float64 throughout.
 
 References are to "On the Predictive Power of Representation Dispersion in
 Language Models":
@@ -25,6 +31,8 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from dispersion.measure.blocks import REFINE_BELOW, Rows, as_numpy
+
 __all__ = [
     "GapResult",
     "cluster_dispersion",
@@ -45,16 +53,6 @@ _DEFAULT_CHUNK = 4096
 # --------------------------------------------------------------------------- #
 # input handling
 # --------------------------------------------------------------------------- #
-def as_numpy(x: Any) -> np.ndarray:
-    """Convert numpy arrays, sequences or torch tensors to a numpy array (no copy if possible)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        t = x.detach().cpu()
-        if t.is_floating_point() or t.is_complex():
-            t = t.double()  # also handles bfloat16 / float16, which numpy cannot take
-        return t.numpy()
-    return np.asarray(x)
-
-
 def _as_matrix(X: Any, name: str = "X", min_rows: int = 2) -> np.ndarray:
     """Validate and return ``X`` as a C-contiguous float64 (N, d) array."""
     A = as_numpy(X)
@@ -112,20 +110,26 @@ def cosine_dispersion(X: Any) -> float:
 
     .. math::  \bar D = 1 - \frac{\|s\|^2 - N}{N (N - 1)}.
 
+    One pass over row blocks reads the input once (:class:`~dispersion.measure.blocks.Rows`).
     The result lies in [0, 1 + 1/(N-1)]; tiny negative round-off is clamped to 0.
 
     Args:
-        X: (N, d) embeddings, N >= 2, no zero rows, finite.
+        X: (N, d) embeddings, N >= 2, no zero rows, finite; any float dtype (float16 and
+            bfloat16 are widened to float32 a block at a time).
 
     Returns:
         The mean of ``1 - cos`` over the N(N-1)/2 unordered pairs.
     """
-    A = _as_matrix(X, "X")
-    U = _unit_rows(A, "X")
-    n = U.shape[0]
-    s = U.sum(axis=0)
-    mean_cos = (float(s @ s) - n) / (n * (n - 1))
-    return max(0.0, 1.0 - mean_cos)
+    R = Rows(X, "X")
+    D = _eq1(R.unit_sum(), R.n)
+    if R.lossy and D < REFINE_BELOW:
+        D = _eq1(R.unit_sum("float64"), R.n)
+    return D
+
+
+def _eq1(s: np.ndarray, n: int) -> float:
+    r"""Eq. 1 from the sum of the n unit rows: :math:`1 - (\|s\|^2 - n) / (n (n-1))`."""
+    return max(0.0, 1.0 - (float(s @ s) - n) / (n * (n - 1)))
 
 
 def _pairwise_dists(A: np.ndarray, B: np.ndarray, sqA: np.ndarray, sqB: np.ndarray) -> np.ndarray:
@@ -215,13 +219,13 @@ def mean_cosine_distance_between(A: Any, B: Any) -> float:
         A: (n_a, d) embeddings, n_a >= 1, no zero rows.
         B: (n_b, d) embeddings, n_b >= 1, no zero rows, same d.
     """
-    Am = _as_matrix(A, "A", min_rows=1)
-    Bm = _as_matrix(B, "B", min_rows=1)
-    if Am.shape[1] != Bm.shape[1]:
-        raise ValueError(f"A and B must have the same dimension, got {Am.shape[1]} and {Bm.shape[1]}")
-    sa = _unit_rows(Am, "A").sum(axis=0)
-    sb = _unit_rows(Bm, "B").sum(axis=0)
-    return 1.0 - float(sa @ sb) / (Am.shape[0] * Bm.shape[0])
+    Ra, Rb = Rows(A, "A", min_rows=1), Rows(B, "B", min_rows=1)
+    if Ra.d != Rb.d:
+        raise ValueError(f"A and B must have the same dimension, got {Ra.d} and {Rb.d}")
+    value = 1.0 - float(Ra.unit_sum() @ Rb.unit_sum()) / (Ra.n * Rb.n)
+    if (Ra.lossy or Rb.lossy) and value < REFINE_BELOW:
+        value = 1.0 - float(Ra.unit_sum("float64") @ Rb.unit_sum("float64")) / (Ra.n * Rb.n)
+    return value
 
 
 def mean_cosine_distance_to_rest(X: Any) -> np.ndarray:
@@ -238,12 +242,17 @@ def mean_cosine_distance_to_rest(X: Any) -> np.ndarray:
     Args:
         X: (N, d) embeddings, N >= 2, no zero rows, finite.
 
+    Two passes over row blocks (the sum s, then every :math:`u_i \cdot s` in float64).
+
     Returns:
         (N,) float64.
     """
-    U = _unit_rows(_as_matrix(X, "X"), "X")
-    n = U.shape[0]
-    return 1.0 - (U @ U.sum(axis=0) - 1.0) / (n - 1)
+    R = Rows(X, "X")
+    n = R.n
+    s = R.unit_sum()
+    if R.lossy and _eq1(s, n) < REFINE_BELOW:
+        s = R.unit_sum("float64")
+    return 1.0 - (R.unit_dots(s) - 1.0) / (n - 1)
 
 
 def mean_euclidean_distance_between(A: Any, B: Any, chunk_size: int = _DEFAULT_CHUNK) -> float:
@@ -307,35 +316,57 @@ def cluster_dispersion(X: Any, labels: Any, metric: Metric = "cosine") -> tuple[
         ValueError: also when a cluster centroid is the zero vector under the cosine metric.
     """
     metric = _check_metric(metric)
-    A = _as_matrix(X, "X")
+    R = Rows(X, "X")
     lab = as_numpy(labels)
     if lab.ndim != 1:
         raise ValueError(f"labels must be 1-D, got ndim={lab.ndim}")
-    if lab.shape[0] != A.shape[0]:
-        raise ValueError(f"labels has length {lab.shape[0]} but X has {A.shape[0]} rows")
+    if lab.shape[0] != R.n:
+        raise ValueError(f"labels has length {lab.shape[0]} but X has {R.n} rows")
     uniq, inv = np.unique(lab, return_inverse=True)
-    inv = inv.reshape(-1)
+    inv = inv.reshape(-1)                                   # [N] cluster index per row
     k = uniq.shape[0]
     if k < 2:
         raise ValueError(f"need at least 2 clusters, got {k}")
     counts = np.bincount(inv, minlength=k).astype(np.float64)
-    centroids = np.zeros((k, A.shape[1]), dtype=np.float64)
-    np.add.at(centroids, inv, A)
-    centroids /= counts[:, None]
+
+    # pass 1 over float64 row blocks: centroid sums (and row norms for cosine)
+    import torch
+
+    lab_t = torch.from_numpy(inv.astype(np.int64))
+    centroids_t = None
+    norms = []
+    zeros: list[int] | None = [] if metric == "cosine" else None
+    for a, B in R.blocks("float64"):
+        if centroids_t is None:
+            centroids_t = torch.zeros((k, R.d), dtype=torch.float64, device=B.device)   # [K, d]
+            lab_t = lab_t.to(B.device)
+        centroids_t.index_add_(0, lab_t[a:a + len(B)], B)
+        norms.append(R.norms(a, B, zeros))
+    if zeros is not None:
+        R.raise_zeros(zeros)
+    assert centroids_t is not None
+    centroids = centroids_t.cpu().numpy() / counts[:, None]
 
     if metric == "cosine":
-        U = _unit_rows(A, "X")
         cnorm = np.linalg.norm(centroids, axis=1)
         zero = np.flatnonzero(cnorm == 0.0)
         if zero.size:
             lab0 = uniq[zero[0]].item()
             raise ValueError(f"centroid of cluster {lab0!r} is a zero vector; cosine distance is undefined")
-        cu = centroids / cnorm[:, None]
-        dist = 1.0 - np.einsum("ij,ij->i", U, cu[inv])
         between = cosine_dispersion(centroids)
+        ref = torch.from_numpy(centroids / cnorm[:, None]).to(centroids_t.device)  # unit centroids
     else:
-        dist = np.linalg.norm(A - centroids[inv], axis=1)
         between = euclidean_dispersion(centroids)
+        ref = torch.from_numpy(centroids).to(centroids_t.device)
+    # pass 2: each row's distance to its own centroid
+    dists = []
+    for (a, B), r in zip(R.blocks("float64"), norms):
+        c = ref[lab_t[a:a + len(B)]]                                # [b, d]
+        if metric == "cosine":
+            dists.append(1.0 - torch.linalg.vecdot(B, c) / r)
+        else:
+            dists.append(torch.linalg.vector_norm(B - c, dim=1))
+    dist = torch.cat(dists).cpu().numpy()                          # [N]
     within_per_cluster = np.bincount(inv, weights=dist, minlength=k) / counts
     return float(within_per_cluster.mean()), float(between)
 
@@ -395,7 +426,8 @@ def _check_ids(ids: Any, name: str, vocab: int) -> np.ndarray:
 
 
 def _gather_rows(M: Any, ids: np.ndarray, name: str, metric: str) -> np.ndarray:
-    """E[ids] as float64, with errors that name the token id (row of E), not the subset position."""
+    """E[ids] in E's float dtype (float32 for half precision), with errors that name the token id
+    (row of E), not the subset position."""
     if len(ids) < 2:
         raise ValueError(f"{name} needs at least 2 ids for a within-set distance, got {len(ids)}")
     if isinstance(M, np.ndarray):
@@ -403,10 +435,14 @@ def _gather_rows(M: Any, ids: np.ndarray, name: str, metric: str) -> np.ndarray:
     else:  # torch tensor: index on its device, then convert only the selected rows
         import torch
 
-        A = as_numpy(M.detach()[torch.as_tensor(ids, device=M.device)])
+        T = M.detach()[torch.as_tensor(ids, device=M.device)]
+        if T.is_floating_point() and T.dtype not in (torch.float32, torch.float64):
+            T = T.float()  # bfloat16 / float16: numpy has no bfloat16
+        A = T.cpu().numpy()
     if not np.issubdtype(A.dtype, np.number) or np.iscomplexobj(A):
         raise ValueError(f"E must be a real numeric array, got dtype {A.dtype}")
-    A = np.ascontiguousarray(A, dtype=np.float64)
+    if not np.issubdtype(A.dtype, np.floating):
+        A = A.astype(np.float64)
     finite = np.isfinite(A).all(axis=1)
     if not finite.all():
         row = int(ids[np.flatnonzero(~finite)[0]])
@@ -417,6 +453,27 @@ def _gather_rows(M: Any, ids: np.ndarray, name: str, metric: str) -> np.ndarray:
             row = int(ids[zero[0]])
             raise ValueError(f"E row {row} (in {name}) is a zero vector; cosine distance is undefined")
     return A
+
+
+def _cosine_gap_terms(M: Any, t: np.ndarray, r: np.ndarray) -> tuple[float, float, float]:
+    """(within(T), within(T̄), between(T, T̄)) for the cosine distance from one sum of unit rows
+    per set, the rows gathered from E a block at a time (no subset copy)."""
+    def rows(ids: np.ndarray, name: str) -> Rows:
+        if len(ids) < 2:
+            raise ValueError(f"{name} needs at least 2 ids for a within-set distance, got {len(ids)}")
+
+        def label(i: int) -> str:
+            return f"E row {int(ids[i])} (in {name})"
+        return Rows(M, "E", index=ids, row_label=label)
+
+    Ra, Rb = rows(t, "domain_ids"), rows(r, "reference_ids")
+    sa, sb = Ra.unit_sum(), Rb.unit_sum()
+    values = [_eq1(sa, Ra.n), _eq1(sb, Rb.n), 1.0 - float(sa @ sb) / (Ra.n * Rb.n)]
+    if Ra.lossy and min(values) < REFINE_BELOW:
+        sa, sb = Ra.unit_sum("float64"), Rb.unit_sum("float64")
+        values = [_eq1(sa, Ra.n), _eq1(sb, Rb.n), 1.0 - float(sa @ sb) / (Ra.n * Rb.n)]
+    w_t, w_r, between = values
+    return w_t, w_r, between
 
 
 def dispersion_gap(
@@ -452,12 +509,11 @@ def dispersion_gap(
         raise ValueError(f"E must be 2-D (vocab, d), got ndim={len(shape)} with shape {shape}")
     t = _check_ids(domain_ids, "domain_ids", shape[0])
     r = _check_ids(reference_ids, "reference_ids", shape[0])
-    A = _gather_rows(M, t, "domain_ids", metric)
-    B = _gather_rows(M, r, "reference_ids", metric)
     if metric == "cosine":
-        w_t, w_r = cosine_dispersion(A), cosine_dispersion(B)
-        between = mean_cosine_distance_between(A, B)
+        w_t, w_r, between = _cosine_gap_terms(M, t, r)
     else:
+        A = _gather_rows(M, t, "domain_ids", metric)
+        B = _gather_rows(M, r, "reference_ids", metric)
         w_t = euclidean_dispersion(A, chunk_size=chunk_size)
         w_r = euclidean_dispersion(B, chunk_size=chunk_size)
         between = mean_euclidean_distance_between(A, B, chunk_size=chunk_size)

@@ -251,7 +251,7 @@ def read_query_table(path: str, *, task: str | None = None) -> pa.Table:
         raise DataError(f"path: no such file {path!r}") from None
     try:
         if name.endswith((".parquet", ".pq")):
-            table = pq.read_table(pa.BufferReader(data))
+            table = pq.ParquetFile(pa.BufferReader(data)).read()
         else:
             table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
                 column_types={"query_id": pa.string(), "text": pa.string(), "task": pa.string(),

@@ -11,6 +11,7 @@ are JSON arrays in csv and markdown cells.
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import math
@@ -38,9 +39,12 @@ def format_for(path: str | None, given: str | None, tty: bool) -> str:
 
 
 def _plain(v: Any) -> Any:
-    """A JSON-ready value: floats that are not finite become null; bytes become hex."""
+    """A JSON-ready value: floats that are not finite become null; bytes become hex; decimals
+    (DuckDB's ``sum`` of integers is a HUGEINT, read as a decimal) become ints or floats."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, decimal.Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
     if isinstance(v, bytes):
         return v.hex()
     if isinstance(v, list):

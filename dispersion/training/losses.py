@@ -330,23 +330,53 @@ def mean_cosine_distance(H: torch.Tensor, mask: torch.Tensor | None = None, scop
     name = "mean_cosine_distance"
     H, m = _prep(H, mask, name)
     _check_scope(scope, name)
-    U = _unit(H, m)
     if scope == "flatten":
-        s = U.sum(dim=(0, 1))
-        sq = (U * U).sum()
-        n = m.sum().to(H.dtype)
+        n = int(m.sum())
         if n < 2:
-            raise ValueError(f"{name}: needs at least 2 unmasked states in the batch, got {int(n)}")
-        return 1.0 - (s @ s - sq) / (n * (n - 1.0))
-    n = m.sum(1).to(H.dtype)
-    keep = n >= 2
-    if not bool(keep.any()):
-        raise ValueError(f"{name}: needs a sequence with at least 2 unmasked states")
-    s = U.sum(1)                                   # [B, d]
-    sq = (U * U).sum(dim=(1, 2))                   # [B]
-    n = n[keep]
-    d = 1.0 - ((s * s).sum(-1)[keep] - sq[keep]) / (n * (n - 1.0))
-    return d.mean()
+            raise ValueError(f"{name}: needs at least 2 unmasked states in the batch, got {n}")
+        H3, m2 = H.reshape(1, -1, H.shape[-1]), m.reshape(1, -1)
+    else:
+        if not bool((m.sum(1) >= 2).any()):
+            raise ValueError(f"{name}: needs a sequence with at least 2 unmasked states")
+        H3, m2 = H, m
+    return _MeanCosineDistance.apply(H3, m2.to(H.dtype))
+
+
+class _MeanCosineDistance(torch.autograd.Function):
+    r"""Eq. 1 per group and its gradient in closed form: two reads of the states forward (norms,
+    then the weighted sum s), two backward (the dots :math:`h_i \cdot s`, then the gradient
+    written once), and no other tensor of their size (autograd through ``F.normalize`` keeps
+    several). With :math:`r_i = \max(\|h_i\|, \epsilon)`, :math:`u_i = m_i h_i / r_i`,
+    :math:`P = n(n-1)`: :math:`\partial D / \partial h_i = -\frac{2 m_i}{P r_i}
+    \big(s - (u_i \cdot s)\, h_i / r_i\big)` for :math:`\|h_i\| \ge \epsilon`, and
+    :math:`-\frac{2 m_i}{P \epsilon}(s - h_i / \epsilon)` below (where
+    :math:`\|u_i\|^2 = \|h_i\|^2/\epsilon^2` is not constant)."""
+
+    @staticmethod
+    def forward(ctx, H: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # H [G, n, d], m [G, n] 0/1
+        raw = torch.linalg.vector_norm(H, dim=-1)                     # [G, n]
+        r = raw.clamp(min=_NORM_EPS)
+        w = m / r                                                     # [G, n]
+        s = torch.bmm(w.unsqueeze(1), H).squeeze(1)                   # [G, d] sum of unit states
+        q = (m * (raw / r) ** 2).sum(1)                               # [G] sum of ||u_i||^2
+        cnt = m.sum(1)                                                # [G]
+        keep = cnt >= 2
+        P = (cnt * (cnt - 1)).clamp(min=1)
+        D = 1.0 - ((s * s).sum(1) - q) / P                            # [G]
+        ctx.save_for_backward(H, m, raw, r, s, keep, P)
+        return D[keep].mean()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        H, m, raw, r, s, keep, P = ctx.saved_tensors
+        c = (g / keep.sum()) * keep.to(H.dtype) / P                   # [G] dloss/dD_G / P
+        hs = torch.bmm(H, s.unsqueeze(-1)).squeeze(-1)                # [G, n] h_i . s
+        small = raw < _NORM_EPS
+        alpha = -2.0 * c[:, None] * m / r                             # [G, n]
+        beta = 2.0 * c[:, None] * m * torch.where(small, 1.0 / (r * r), hs / (r * r * r))
+        grad = H * beta.unsqueeze(-1)                                 # [G, n, d], the one write
+        grad.baddbmm_(alpha.unsqueeze(-1), s.unsqueeze(1))           # += alpha_i s
+        return grad, None
 
 
 @_full_precision
