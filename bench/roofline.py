@@ -142,7 +142,7 @@ def main() -> None:
          lambda: mean_cosine_distance_between(X[: n // 2], X[n // 2:])),
         ("cluster_dispersion, cosine, 64 clusters (2 passes)", "float32", 2 * X.nbytes,
          lambda: cluster_dispersion(X, labels)),
-        ("dispersion_gap, cosine, 11k + 11k rows of E", "float32", 2 * 2 * 11000 * 576 * 4,
+        ("dispersion_gap, cosine, 11k + 11k rows of E", "float32", 2 * 11000 * 576 * 4,
          lambda: dispersion_gap(E, dom, ref)),
         ("within-segment form, extraction reducer", "float32", 2 * H.numel() * 4, lambda: within_reducer(H, keep)),
         ("push_away loss, forward + backward", "float32", 4 * H.numel() * 4, pa_step),
