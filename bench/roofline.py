@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dispersion.core.threads import cpu_budget  # noqa: E402
+from dispersion.measure.extract import within_segment  # noqa: E402
 from dispersion.measure.metrics import (  # noqa: E402
     cluster_dispersion,
     cosine_dispersion,
@@ -83,14 +84,6 @@ def naive_cosine_f32(X: np.ndarray, chunk: int = 2000) -> float:
     for a in range(0, n, chunk):
         total += float((U[a:a + chunk] @ Ut).sum(dtype=np.float64))
     return 1.0 - (total - n) / (n * (n - 1))
-
-
-def within_reducer(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The extraction reducer's within-segment form (dispersion.measure.extract): per segment,
-    Eq. 1 over its token states from the sum of unit states."""
-    from dispersion.measure.extract import within_segment
-
-    return within_segment(H, keep)
 
 
 def main() -> None:
@@ -144,7 +137,7 @@ def main() -> None:
          lambda: cluster_dispersion(X, labels)),
         ("dispersion_gap, cosine, 11k + 11k rows of E", "float32", 2 * 11000 * 576 * 4,
          lambda: dispersion_gap(E, dom, ref)),
-        ("within-segment form, extraction reducer", "float32", 2 * H.numel() * 4, lambda: within_reducer(H, keep)),
+        ("within-segment form, extraction reducer", "float32", 2 * H.numel() * 4, lambda: within_segment(H, keep)),
         ("push_away loss, forward + backward", "float32", 4 * H.numel() * 4, pa_step),
     ]
     print(f"### O(N d) metrics, N = {n}, d = {d} (limit: {limit:.1f} GB/s read)\n")

@@ -111,6 +111,11 @@ class Rows:
         self.n, self.d = int(n), int(T.shape[1])
         self.lossy = T.dtype != torch.float64 and self.n * self.d > SMALL  # "input" rounds to float32
 
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks live (the input tensor's device; CPU for numpy input)."""
+        return self._T.device
+
     # ------------------------------------------------------------------ blocks
     def blocks(self, precision: Precision = "input") -> Iterator[tuple[int, torch.Tensor]]:
         """``(row, block)`` for consecutive row blocks; ``block`` is a float32 or float64
@@ -126,11 +131,6 @@ class Rows:
                     buf = torch.empty((rows, self.d), dtype=dtype, device=B.device)
                 B = buf[: len(B)].copy_(B)
             yield a, B
-
-    def numpy_blocks(self, precision: Precision = "input") -> Iterator[tuple[int, np.ndarray]]:
-        """:meth:`blocks` as numpy arrays (copied to the host when the input is elsewhere)."""
-        for a, B in self.blocks(precision):
-            yield a, B.cpu().numpy()
 
     def norms(self, a: int, B: torch.Tensor, zeros: list[int] | None = None) -> torch.Tensor:
         """Row norms of block ``B`` (rows ``a..`` of the matrix) as float64 ``[b]``; raises on
@@ -189,7 +189,7 @@ class Rows:
     # ------------------------------------------------------------------ sums
     def unit_sum(self, precision: Precision = "input") -> np.ndarray:
         r""":math:`s = \sum_i x_i / \|x_i\|` as float64 ``[d]`` (raises on zero or non-finite rows)."""
-        s = torch.zeros(self.d, dtype=torch.float64, device=self._T.device)
+        s = torch.zeros(self.d, dtype=torch.float64, device=self.device)
         zeros: list[int] = []
         for a, B in self.blocks(precision):
             s += self._unit_sum_block(a, B, zeros)  # [d]
@@ -200,8 +200,8 @@ class Rows:
         r""":math:`u_i \cdot v` for every row, float64 ``[N]`` (raises on zero or non-finite rows).
         Taken from float64 blocks: :math:`1 - u_i \cdot s / (N-1)` cancels when rows agree, and a
         float32 dot over d terms would leave ~1e-6 of it."""
-        out = torch.empty(self.n, dtype=torch.float64, device=self._T.device)
-        vt = torch.as_tensor(v, dtype=torch.float64, device=self._T.device)
+        out = torch.empty(self.n, dtype=torch.float64, device=self.device)
+        vt = torch.as_tensor(v, dtype=torch.float64, device=self.device)
         zeros: list[int] = []
         for a, B in self.blocks("float64"):
             out[a:a + len(B)] = torch.mv(B, vt) / self.norms(a, B, zeros)  # [b]

@@ -26,6 +26,7 @@ values).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -121,15 +122,25 @@ def cosine_dispersion(X: Any) -> float:
         The mean of ``1 - cos`` over the N(N-1)/2 unordered pairs.
     """
     R = Rows(X, "X")
-    D = _eq1(R.unit_sum(), R.n)
-    if R.lossy and D < REFINE_BELOW:
-        D = _eq1(R.unit_sum("float64"), R.n)
+    (D,), _ = _refined([R], lambda s: [_eq1(s, R.n)])
     return D
 
 
 def _eq1(s: np.ndarray, n: int) -> float:
     r"""Eq. 1 from the sum of the n unit rows: :math:`1 - (\|s\|^2 - n) / (n (n-1))`."""
     return max(0.0, 1.0 - (float(s @ s) - n) / (n * (n - 1)))
+
+
+def _refined(sets: list[Rows], terms: Callable[..., list[float]]) -> tuple[list[float], list[np.ndarray]]:
+    """``(terms(*sums), sums)`` for the unit-row sums of ``sets``, taken from float32 blocks and
+    taken again from float64 blocks when a term is below :data:`REFINE_BELOW` (where float32
+    rounding is no longer small next to it)."""
+    sums = [R.unit_sum() for R in sets]
+    values = terms(*sums)
+    if any(R.lossy for R in sets) and min(values) < REFINE_BELOW:
+        sums = [R.unit_sum("float64") for R in sets]
+        values = terms(*sums)
+    return values, sums
 
 
 def _pairwise_dists(A: np.ndarray, B: np.ndarray, sqA: np.ndarray, sqB: np.ndarray) -> np.ndarray:
@@ -222,9 +233,7 @@ def mean_cosine_distance_between(A: Any, B: Any) -> float:
     Ra, Rb = Rows(A, "A", min_rows=1), Rows(B, "B", min_rows=1)
     if Ra.d != Rb.d:
         raise ValueError(f"A and B must have the same dimension, got {Ra.d} and {Rb.d}")
-    value = 1.0 - float(Ra.unit_sum() @ Rb.unit_sum()) / (Ra.n * Rb.n)
-    if (Ra.lossy or Rb.lossy) and value < REFINE_BELOW:
-        value = 1.0 - float(Ra.unit_sum("float64") @ Rb.unit_sum("float64")) / (Ra.n * Rb.n)
+    (value,), _ = _refined([Ra, Rb], lambda sa, sb: [1.0 - float(sa @ sb) / (Ra.n * Rb.n)])
     return value
 
 
@@ -248,11 +257,8 @@ def mean_cosine_distance_to_rest(X: Any) -> np.ndarray:
         (N,) float64.
     """
     R = Rows(X, "X")
-    n = R.n
-    s = R.unit_sum()
-    if R.lossy and _eq1(s, n) < REFINE_BELOW:
-        s = R.unit_sum("float64")
-    return 1.0 - (R.unit_dots(s) - 1.0) / (n - 1)
+    _, (s,) = _refined([R], lambda s: [_eq1(s, R.n)])
+    return 1.0 - (R.unit_dots(s) - 1.0) / (R.n - 1)
 
 
 def mean_euclidean_distance_between(A: Any, B: Any, chunk_size: int = _DEFAULT_CHUNK) -> float:
@@ -332,19 +338,15 @@ def cluster_dispersion(X: Any, labels: Any, metric: Metric = "cosine") -> tuple[
     # pass 1 over float64 row blocks: centroid sums (and row norms for cosine)
     import torch
 
-    lab_t = torch.from_numpy(inv.astype(np.int64))
-    centroids_t = None
+    lab_t = torch.from_numpy(inv.astype(np.int64)).to(R.device)
+    centroids_t = torch.zeros((k, R.d), dtype=torch.float64, device=R.device)   # [K, d]
     norms = []
     zeros: list[int] | None = [] if metric == "cosine" else None
     for a, B in R.blocks("float64"):
-        if centroids_t is None:
-            centroids_t = torch.zeros((k, R.d), dtype=torch.float64, device=B.device)   # [K, d]
-            lab_t = lab_t.to(B.device)
         centroids_t.index_add_(0, lab_t[a:a + len(B)], B)
         norms.append(R.norms(a, B, zeros))
     if zeros is not None:
         R.raise_zeros(zeros)
-    assert centroids_t is not None
     centroids = centroids_t.cpu().numpy() / counts[:, None]
 
     if metric == "cosine":
@@ -354,10 +356,10 @@ def cluster_dispersion(X: Any, labels: Any, metric: Metric = "cosine") -> tuple[
             lab0 = uniq[zero[0]].item()
             raise ValueError(f"centroid of cluster {lab0!r} is a zero vector; cosine distance is undefined")
         between = cosine_dispersion(centroids)
-        ref = torch.from_numpy(centroids / cnorm[:, None]).to(centroids_t.device)  # unit centroids
+        ref = torch.from_numpy(centroids / cnorm[:, None]).to(R.device)  # unit centroids
     else:
         between = euclidean_dispersion(centroids)
-        ref = torch.from_numpy(centroids).to(centroids_t.device)
+        ref = torch.from_numpy(centroids).to(R.device)
     # pass 2: each row's distance to its own centroid
     dists = []
     for (a, B), r in zip(R.blocks("float64"), norms):
@@ -422,14 +424,14 @@ def _check_ids(ids: Any, name: str, vocab: int) -> np.ndarray:
         raise ValueError(f"{name} has out-of-range id {int(a[bad[0]])} (valid range 0..{vocab - 1})")
     if np.unique(a).size != a.size:
         raise ValueError(f"{name} contains duplicate ids")
+    if len(a) < 2:
+        raise ValueError(f"{name} needs at least 2 ids for a within-set distance, got {len(a)}")
     return a
 
 
-def _gather_rows(M: Any, ids: np.ndarray, name: str, metric: str) -> np.ndarray:
-    """E[ids] in E's float dtype (float32 for half precision), with errors that name the token id
-    (row of E), not the subset position."""
-    if len(ids) < 2:
-        raise ValueError(f"{name} needs at least 2 ids for a within-set distance, got {len(ids)}")
+def _gather_rows(M: Any, ids: np.ndarray, name: str) -> np.ndarray:
+    """E[ids] for the Euclidean terms, in E's float dtype (float32 for half precision), with
+    errors that name the token id (row of E), not the subset position."""
     if isinstance(M, np.ndarray):
         A = M[ids]
     else:  # torch tensor: index on its device, then convert only the selected rows
@@ -447,11 +449,6 @@ def _gather_rows(M: Any, ids: np.ndarray, name: str, metric: str) -> np.ndarray:
     if not finite.all():
         row = int(ids[np.flatnonzero(~finite)[0]])
         raise ValueError(f"E row {row} (in {name}) contains non-finite values")
-    if metric == "cosine":
-        zero = np.flatnonzero(~A.any(axis=1))
-        if zero.size:
-            row = int(ids[zero[0]])
-            raise ValueError(f"E row {row} (in {name}) is a zero vector; cosine distance is undefined")
     return A
 
 
@@ -459,20 +456,13 @@ def _cosine_gap_terms(M: Any, t: np.ndarray, r: np.ndarray) -> tuple[float, floa
     """(within(T), within(T̄), between(T, T̄)) for the cosine distance from one sum of unit rows
     per set, the rows gathered from E a block at a time (no subset copy)."""
     def rows(ids: np.ndarray, name: str) -> Rows:
-        if len(ids) < 2:
-            raise ValueError(f"{name} needs at least 2 ids for a within-set distance, got {len(ids)}")
-
         def label(i: int) -> str:
             return f"E row {int(ids[i])} (in {name})"
         return Rows(M, "E", index=ids, row_label=label)
 
     Ra, Rb = rows(t, "domain_ids"), rows(r, "reference_ids")
-    sa, sb = Ra.unit_sum(), Rb.unit_sum()
-    values = [_eq1(sa, Ra.n), _eq1(sb, Rb.n), 1.0 - float(sa @ sb) / (Ra.n * Rb.n)]
-    if Ra.lossy and min(values) < REFINE_BELOW:
-        sa, sb = Ra.unit_sum("float64"), Rb.unit_sum("float64")
-        values = [_eq1(sa, Ra.n), _eq1(sb, Rb.n), 1.0 - float(sa @ sb) / (Ra.n * Rb.n)]
-    w_t, w_r, between = values
+    (w_t, w_r, between), _ = _refined(
+        [Ra, Rb], lambda sa, sb: [_eq1(sa, Ra.n), _eq1(sb, Rb.n), 1.0 - float(sa @ sb) / (Ra.n * Rb.n)])
     return w_t, w_r, between
 
 
@@ -512,8 +502,8 @@ def dispersion_gap(
     if metric == "cosine":
         w_t, w_r, between = _cosine_gap_terms(M, t, r)
     else:
-        A = _gather_rows(M, t, "domain_ids", metric)
-        B = _gather_rows(M, r, "reference_ids", metric)
+        A = _gather_rows(M, t, "domain_ids")
+        B = _gather_rows(M, r, "reference_ids")
         w_t = euclidean_dispersion(A, chunk_size=chunk_size)
         w_r = euclidean_dispersion(B, chunk_size=chunk_size)
         between = mean_euclidean_distance_between(A, B, chunk_size=chunk_size)
