@@ -21,12 +21,7 @@ SHARD = "features/model=m/revision=main/dataset=d/sample=s1/spec=x1/shard-00000.
 def root(tmp_path_factory) -> Path:
     """A small store: segments, one features shard, a bins result, and its catalog."""
     path = tmp_path_factory.mktemp("catalog") / "store"
-    store = Store(str(path))
-    store.write_table("segments/dataset=d/sample=s1/shard-00000.parquet",
-                      pa.table({"segment_id": [0, 1, 2], "text": ["a", "b", "c"]}))
-    store.write_table(SHARD, pa.table({"segment_id": [0, 1, 2], "ppl": [1.5, 2.5, 3.5]}))
-    store.write_table("results/bins/default.parquet", pa.table({"bin": [0, 1], "dispersion": [0.25, 0.5]}))
-    build_catalog(store)
+    _small_store(path)
     return path
 
 
