@@ -8,7 +8,8 @@ Runs ``dispersion scan`` (a fresh root under a temporary folder each time, the m
 seconds and its ratio to the run alone. On C cores two CPU-bound jobs can at best each take 2x
 (C = 2); a ratio far above that means the two processes fight over threads. ``--threads-each``
 sets ``DISPERSION_THREADS`` for the concurrent pair (default: unset, each process takes the CPUs
-it may run on, as a user starting two jobs would get). Check the machine is quiet first.
+it may run on, split with the other dispersion processes on them, as a user starting two jobs
+would get). Check the machine is quiet first.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def main() -> None:
             alone = wait([start(args.config, Path(tmp) / "alone", args.overrides, env)], t0)[0]
         t0 = time.perf_counter()
         both = wait([start(args.config, Path(tmp) / f"pair{k}", args.overrides, pair_env) for k in (1, 2)], t0)
-    each = f"DISPERSION_THREADS={args.threads_each}" if args.threads_each else "threads from the CPUs available"
+    each = f"DISPERSION_THREADS={args.threads_each}" if args.threads_each else "default (CPUs available, shared)"
     print("\n| run | threads | wall s | vs alone |")
     print("|---|---|---:|---:|")
-    print(f"| alone | threads from the CPUs available | {alone:.1f} | 1.00x |")
+    print(f"| alone | default (CPUs available) | {alone:.1f} | 1.00x |")
     for k, t in enumerate(both, 1):
         print(f"| concurrent {k} of 2 | {each} | {t:.1f} | {t / alone:.2f}x |")
 

@@ -19,6 +19,7 @@ from dispersion.core.config import ScanConfig, read_yaml, validate
 from dispersion.core.errors import ConfigError
 from dispersion.core.overrides import apply_overrides
 from dispersion.measure.sites import SITES
+from dispersion.report.tracking import TrackingSpec
 
 ANALYSIS_STEPS: tuple[str, ...] = tuple(STEPS)
 
@@ -36,6 +37,7 @@ class RunConfig(ScanConfig):
     """A scan and the analyses run on it (``dispersion scan --config``)."""
 
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")
     def _known_sites(self) -> RunConfig:

@@ -56,7 +56,20 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
                             layer=layer, site=a.site, pool=a.pool, sections=sections,
                             model_order=[m.name for m in config.models], meta=run_meta(config, store, units))
     catalog = build_catalog(store)
+    if config.tracking.mlflow is not None:
+        track(config, store, tables["correlations"], log)
     return tables, report, catalog
+
+
+def track(config: RunConfig, store: Store, correlations: pa.Table, log: Callable[[str], None]) -> str | None:
+    """Log the run to MLflow (``tracking.mlflow``): config, correlations, report, tables."""
+    from dispersion import __version__
+    from dispersion.core.layout import MANIFESTS, run_of_manifest
+    from dispersion.report.tracking import log_run
+
+    runs = sorted(store.glob(MANIFESTS), key=run_of_manifest)
+    return log_run(config.tracking, config.model_dump(mode="json"), store, correlations, name=config.name,
+                   run_id=run_of_manifest(runs[-1]) if runs else None, version=__version__, log=log)
 
 
 def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str, str]:

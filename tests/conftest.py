@@ -118,3 +118,18 @@ def s3():
         restore_env(old)
         proxy.stop()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module's flow tests (each start costs seconds of both cores); the
+    flows join it (``connect`` finds Ray running) and leave it running."""
+    import ray
+    from tasks.ray_extract import connect
+
+    from dispersion.core.config import RaySpec
+
+    started = connect(RaySpec())
+    yield
+    if started:
+        ray.shutdown()

@@ -88,7 +88,8 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     zoo = yaml.safe_dump(micro_zoo.model_dump(), default_flow_style=True).strip()
     out = _cli("scan", "--model", "tiny=zoo:gpt2-tiny@step20", "--dataset", "embedded:prose", "--root", str(store),
                "-o", f"zoo={zoo}", "-o", "sampling.num_segments=40", "-o", "sampling.segment_length=32",
-               "-o", "analysis.bin_size=10", "-o", "extraction.layers=[final]", cwd=tmp_path)
+               "-o", "analysis.bin_size=10", "-o", "extraction.layers=[final]",
+               "-o", f"tracking.mlflow=file:{tmp_path}/mlruns", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\r" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr  # no bars, no colours
     assert "…" not in out.stdout  # tables are not squeezed to 80 columns in a pipe
@@ -109,9 +110,23 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
         q = _cli("query", "--root", str(store), f"SELECT DISTINCT step, run FROM {view}", "--format", "json",
                  cwd=tmp_path)
         assert json.loads(q.stdout) == [{"step": 20, "run": "tiny"}], (view, q.stderr)
-    q = _cli("query", "--root", str(store), "SELECT name, models, units, ran FROM runs", "--format", "json",
+    q = _cli("query", "--root", str(store), "SELECT name, models, units, ran, run_id FROM runs", "--format", "json",
              cwd=tmp_path)
-    assert json.loads(q.stdout) == [{"name": "tiny", "models": ["tiny"], "units": 1, "ran": 1}]
+    (row,) = json.loads(q.stdout)
+    assert {k: row[k] for k in ("name", "models", "units", "ran")} == {"name": "tiny", "models": ["tiny"], "units": 1,
+                                                                       "ran": 1}
+    # the MLflow run (tracking.mlflow): the store's run id, the config, every correlation
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file store is in maintenance mode
+    client = MlflowClient(tracking_uri=f"file:{tmp_path}/mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("dispersion").experiment_id])
+    assert run.data.tags["dispersion.run_id"] == row["run_id"]
+    assert run.data.params["sampling.num_segments"] == "40" and run.data.params["models"].startswith('[{"name": "tiny"')
+    (corr,) = [r for r in pq.read_table(store / "results/correlations/tiny.parquet").to_pylist()
+               if (r["layer"], r["site"], r["pool"], r["bins"]) == ("final", "block", "last", "all")]
+    assert run.data.metrics["spearman_r/tiny/prose/final/block/last/all"] == pytest.approx(corr["spearman_r"])
+    assert f"mlflow: run {run.info.run_id} in experiment 'dispersion'" in out.stdout
     # docs/CATALOG.md describes every column of the main views
     for view in ("features", "vectors", "segments", "bins", "correlations", "specs", "runs", "revisions"):
         q = _cli("query", "--root", str(store), f"DESCRIBE {view}", "--format", "json", cwd=tmp_path)

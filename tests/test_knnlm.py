@@ -294,3 +294,14 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
     store.remove(p.store_units[1].marker_rel)
     assert build_on_ray(cfg, str(tmp_path), log=lambda m: None) == 1
     assert {rel: cs for u in p.units for rel, cs in store.read_json(u.marker_rel)[CHECKSUMS].items()} == before
+    # `dispersion verify` checks the kNN-LM shards too, and --repair releases a damaged one
+    from dispersion.core.integrity import verify_root
+
+    clean = verify_root(store, log=lambda m: None)
+    assert clean.ok and clean.files >= len(before)
+    damaged = sorted(before)[0]
+    (tmp_path / damaged).write_bytes((tmp_path / damaged).read_bytes()[:-8])
+    lines: list[str] = []
+    check = verify_root(store, repair=True, log=lines.append)
+    assert lines == [f"damaged: {damaged}: checksum mismatch (changed after it was published)"]
+    assert len(check.removed) == 1 and not store.exists(check.removed[0])

@@ -405,3 +405,18 @@ def test_flows_wait_longer_for_prefect_and_name_the_setting(models, data, root, 
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     _one_error(out.returncode, out.stderr.splitlines(), "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
     assert _tree(root) == before
+
+
+def test_unreachable_ray_address_is_one_line():
+    import time
+
+    from servers import free_port
+
+    from dispersion.core.config import RaySpec
+    from tasks.ray_extract import RayError, connect
+
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(RayError, match=rf"ray.address: cannot reach '127.0.0.1:{port}'"):
+        connect(RaySpec(address=f"127.0.0.1:{port}"))
+    assert time.monotonic() - t0 < 10

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from dispersion.core.errors import DataError
+from dispersion.core.storage import arrow_bytes, parse_parquet
 from dispersion.measure.zoo_cache import zoo_train_log
 
 SCORE_SCHEMA = pa.schema([("model", pa.string()), ("revision", pa.string()), ("task", pa.string()),
@@ -44,16 +45,14 @@ def read_scores(scores: str | os.PathLike | pa.Table) -> pa.Table:
             if suffix not in (".csv", ".parquet", ".pq"):
                 raise DataError(f"scores: {name!r}: unsupported format {suffix or '(none)'!r} (csv or parquet)")
             with fs.open(path, "rb") as fh:
-                data = pa.py_buffer(fh.read())
+                data = fh.read()
             if suffix == ".csv":
                 import pyarrow.csv as pacsv
 
-                table = pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(
+                table = pacsv.read_csv(pa.BufferReader(arrow_bytes(data)), convert_options=pacsv.ConvertOptions(
                     column_types={c: pa.string() for c in ("model", "revision", "task")}))
             else:
-                import pyarrow.parquet as pq
-
-                table = pq.ParquetFile(pa.BufferReader(data)).read()
+                table = parse_parquet(data)
         except DataError:
             raise
         except Exception as err:

@@ -137,11 +137,12 @@ class RootCheck:
 
 def verify_root(store: Store, repair: bool = False, log: Callable[[str], None] = print) -> RootCheck:
     """Check every file of every done marker under the root (samples, work units, query-set
-    shards), logging one line per damaged file; with ``repair`` remove the markers naming
-    one, so the next scan redoes their work."""
+    shards, kNN-LM shards and trained indexes), logging one line per damaged file; with
+    ``repair`` remove the markers naming one, so the next scan redoes their work."""
     result = RootCheck()
-    for marker_rel in [rel for pattern in (layout.SEGMENTS_MARKERS, layout.UNIT_MARKERS, layout.QUERY_MARKERS)
-                       for rel in store.glob(pattern)]:
+    patterns = (layout.SEGMENTS_MARKERS, layout.UNIT_MARKERS, layout.QUERY_MARKERS, layout.KNN_MARKERS,
+                layout.KNN_INDEX_MARKERS)
+    for marker_rel in [rel for pattern in patterns for rel in store.glob(pattern)]:
         result.markers += 1
         try:
             marker = store.read_json(marker_rel)

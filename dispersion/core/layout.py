@@ -155,6 +155,7 @@ def knn_index_marker(part: str, layer: str, site: str) -> str:
 
 
 KNN_MARKERS = f"_done/knnlm/{'/'.join('*' for _ in KNN_KEYS)}/shard-*.json"  # every kNN-LM shard marker
+KNN_INDEX_MARKERS = f"_done/knnlm/{'/'.join('*' for _ in KNN_KEYS)}/index/*/*.json"  # every trained-index marker
 
 
 def manifest_path(run_id: str) -> str:

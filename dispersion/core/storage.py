@@ -67,6 +67,23 @@ def vector_column(v: np.ndarray) -> pa.FixedSizeListArray:
 RETRY_SECONDS = 60.0  # how long an object-store call is retried through an outage
 
 
+def arrow_bytes(data: bytes) -> pa.Buffer:
+    """``data`` copied into an Arrow-owned buffer.
+
+    Arrow readers (Parquet, CSV) may release their input on one of Arrow's own threads after
+    the call returns; a buffer that wraps a Python object then needs the interpreter, which
+    at exit is gone (the process aborts). An Arrow-owned copy needs nothing from Python.
+    """
+    buf = pa.allocate_buffer(len(data))
+    np.frombuffer(buf, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+    return buf
+
+
+def parse_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's bytes as a table; every Parquet read of the package goes through here."""
+    return pq.ParquetFile(pa.BufferReader(arrow_bytes(data))).read(columns=columns)
+
+
 def _retrying(method):
     """Retry a remote-store call with backoff through transient outages (connection refused,
     timeouts, 5xx) for up to ``RETRY_SECONDS``; local calls and missing files fail at once."""
@@ -196,10 +213,9 @@ class Store:
         self._publish(rel, data)
         return checksum(data)
 
-    @_retrying
     def read_table(self, rel: str) -> pa.Table:
-        with self.fs.open(self.path(rel), "rb") as fh:
-            return pq.read_table(fh)
+        """A Parquet file of the store (results, markers' tables), not checked against a marker."""
+        return parse_parquet(self._read_bytes(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         """A whole file's bytes (figures, reports); shards are read with :meth:`read_shard`."""
@@ -221,9 +237,7 @@ class Store:
         if expected is not None and checksum(data) != expected:
             raise IntegrityError(rel, "checksum mismatch (changed after it was published)")
         try:
-            # ParquetFile.read decodes in this call; the dataset scanner of pq.read_table can drop its
-            # last reference to the Python-owned buffer on an Arrow thread after the interpreter exits
-            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
+            return parse_parquet(data, columns)
         except (pa.ArrowException, ValueError, OSError) as err:
             raise IntegrityError(rel, f"unreadable Parquet ({_first_line(err)})") from None
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from dispersion.core.errors import ModelError, NonFiniteError
+from dispersion.core.threads import follow_share
 from dispersion.measure.capture import (
     Capture,
     Target,
@@ -241,6 +242,7 @@ class Extractor:
                             vecs.setdefault((layer, site, kind), np.empty((n, v.shape[1]), np.float32))[idx] = v
                     if progress is not None:
                         progress(len(idx))
+                    follow_share()  # side-by-side processes come and go: take the current share
         finally:
             self._state = {}
         feats["n_scored"] = feats["n_scored"].astype(np.int32)

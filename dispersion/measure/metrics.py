@@ -360,15 +360,19 @@ def cluster_dispersion(X: Any, labels: Any, metric: Metric = "cosine") -> tuple[
     else:
         between = euclidean_dispersion(centroids)
         ref = torch.from_numpy(centroids).to(R.device)
-    # pass 2: each row's distance to its own centroid
-    dists = []
+    # pass 2: each row's distance to its own centroid, through one reused [b, d] buffer
+    dist_t = torch.empty(R.n, dtype=torch.float64, device=R.device)  # [N]
+    cbuf: torch.Tensor | None = None
     for (a, B), r in zip(R.blocks("float64"), norms):
-        c = ref[lab_t[a:a + len(B)]]                                # [b, d]
+        if cbuf is None:
+            cbuf = torch.empty_like(B)
+        c = torch.index_select(ref, 0, lab_t[a:a + len(B)], out=cbuf[: len(B)])  # [b, d] own centroids
         if metric == "cosine":
-            dists.append(1.0 - torch.linalg.vecdot(B, c) / r)
+            torch.sum(c.mul_(B), dim=1, out=dist_t[a:a + len(B)])             # x_i . u_k
+            dist_t[a:a + len(B)].div_(r).neg_().add_(1.0)
         else:
-            dists.append(torch.linalg.vector_norm(B - c, dim=1))
-    dist = torch.cat(dists).cpu().numpy()                          # [N]
+            torch.linalg.vector_norm(c.sub_(B), dim=1, out=dist_t[a:a + len(B)])
+    dist = dist_t.cpu().numpy()                                      # [N]
     within_per_cluster = np.bincount(inv, weights=dist, minlength=k) / counts
     return float(within_per_cluster.mean()), float(between)
 

@@ -41,7 +41,6 @@ reads them instead of running the model again.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -57,7 +56,7 @@ from dispersion.core import layout
 from dispersion.core.errors import ConfigError, DataError, IntegrityError, ModelError, NonFiniteError
 from dispersion.core.ids import digest
 from dispersion.core.integrity import CHECKSUMS, check_marker
-from dispersion.core.storage import Store, vector_column
+from dispersion.core.storage import Store, arrow_bytes, parse_parquet, vector_column
 from dispersion.measure.capture import Capture, Target, layer_names, targets
 from dispersion.measure.corpus import Document
 
@@ -241,7 +240,6 @@ def read_query_table(path: str, *, task: str | None = None) -> pa.Table:
     """
     import fsspec
     import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
 
     name = str(path).rsplit("/", 1)[-1]
     try:
@@ -251,9 +249,9 @@ def read_query_table(path: str, *, task: str | None = None) -> pa.Table:
         raise DataError(f"path: no such file {path!r}") from None
     try:
         if name.endswith((".parquet", ".pq")):
-            table = pq.ParquetFile(pa.BufferReader(data)).read()
+            table = parse_parquet(data)
         else:
-            table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
+            table = pcsv.read_csv(pa.BufferReader(arrow_bytes(data)), convert_options=pcsv.ConvertOptions(
                 column_types={"query_id": pa.string(), "text": pa.string(), "task": pa.string(),
                               "slice": pa.string()}))
     except (pa.ArrowException, ValueError, OSError) as err:

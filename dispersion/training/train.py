@@ -76,6 +76,7 @@ from pydantic import Field, model_validator
 from dispersion.core.config import Strict
 from dispersion.core.errors import ConfigError, DataError, ModelError, NonFiniteError
 from dispersion.core.ids import digest
+from dispersion.core.threads import follow_share
 from dispersion.training.checkpoints import (
     METRICS_FILE,
     STATE_FILE,
@@ -321,6 +322,7 @@ def clip_and_step(model, optimizer, grad_clip: float | None, lr: float) -> float
         g["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    follow_share()  # side-by-side processes come and go: take the current share of the CPUs
     return norm
 
 

@@ -49,7 +49,7 @@ from dispersion.core.config import ZooSpec
 from dispersion.core.errors import ConfigError, ModelError
 from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
 from dispersion.core.ids import digest
-from dispersion.core.threads import cpu_budget
+from dispersion.core.threads import set_torch_threads
 from dispersion.measure.modeling import quiet_transformers
 from dispersion.measure.zoo_cache import zoo_model_dir as cache_dir
 
@@ -162,7 +162,7 @@ def _torch_threads():
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(cpu_budget()[0])
+    set_torch_threads()
     try:
         yield
     finally:
