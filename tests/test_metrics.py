@@ -310,3 +310,15 @@ def test_cluster_dispersion_float32_many_blocks_matches_naive():
         got = cluster_dispersion(X, labels, metric)
         want = naive.cluster_dispersion(X, labels, metric)
         assert got == pytest.approx(want, rel=RTOL)
+
+
+@pytest.mark.parametrize("offset", [3.0, 30.0, 300.0])
+def test_cluster_dispersion_of_tight_clusters_far_from_the_origin(offset):
+    """Within-cluster distances down to 1e-10 (rows near their centroid on a large offset)."""
+    rng = _rng(37)
+    X = (rng.normal(size=(600, 64)) * 0.01 + offset).astype(np.float32)
+    labels = rng.integers(0, 5, size=600)
+    X[labels == 1] += rng.normal(size=64).astype(np.float32)
+    got = cluster_dispersion(X, labels)
+    want = naive.cluster_dispersion(X.astype(np.float64), list(labels), "cosine")
+    assert got == pytest.approx(want, rel=RTOL)

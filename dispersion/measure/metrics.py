@@ -335,43 +335,48 @@ def cluster_dispersion(X: Any, labels: Any, metric: Metric = "cosine") -> tuple[
         raise ValueError(f"need at least 2 clusters, got {k}")
     counts = np.bincount(inv, minlength=k).astype(np.float64)
 
-    # pass 1 over float64 row blocks: centroid sums (and row norms for cosine)
+    # one pass over float64 row blocks: centroid sums; for cosine also the sums of unit rows,
+    # since (1/|C_k|) sum_i (1 - u_i . c_k/|c_k|) = 1 - (sum_i u_i) . c_k/(|c_k| |C_k|)
     import torch
 
     lab_t = torch.from_numpy(inv.astype(np.int64)).to(R.device)
     centroids_t = torch.zeros((k, R.d), dtype=torch.float64, device=R.device)   # [K, d]
-    norms = []
-    zeros: list[int] | None = [] if metric == "cosine" else None
+    cosine = metric == "cosine"
+    units_t = torch.zeros_like(centroids_t) if cosine else None                 # [K, d] sums of u_i
+    ubuf: torch.Tensor | None = None
+    zeros: list[int] | None = [] if cosine else None
     for a, B in R.blocks("float64"):
-        centroids_t.index_add_(0, lab_t[a:a + len(B)], B)
-        norms.append(R.norms(a, B, zeros))
+        rows = lab_t[a:a + len(B)]                                              # [b] cluster of each row
+        centroids_t.index_add_(0, rows, B)
+        r = R.norms(a, B, zeros)                                                # [b]; inf for zero rows
+        if units_t is not None:
+            if ubuf is None:
+                ubuf = torch.empty_like(B)
+            units_t.index_add_(0, rows, torch.div(B, r[:, None], out=ubuf[: len(B)]))
     if zeros is not None:
         R.raise_zeros(zeros)
     centroids = centroids_t.cpu().numpy() / counts[:, None]
 
-    if metric == "cosine":
+    if units_t is not None:
         cnorm = np.linalg.norm(centroids, axis=1)
         zero = np.flatnonzero(cnorm == 0.0)
         if zero.size:
             lab0 = uniq[zero[0]].item()
             raise ValueError(f"centroid of cluster {lab0!r} is a zero vector; cosine distance is undefined")
         between = cosine_dispersion(centroids)
-        ref = torch.from_numpy(centroids / cnorm[:, None]).to(R.device)  # unit centroids
-    else:
-        between = euclidean_dispersion(centroids)
-        ref = torch.from_numpy(centroids).to(R.device)
-    # pass 2: each row's distance to its own centroid, through one reused [b, d] buffer
+        dots = np.einsum("kd,kd->k", units_t.cpu().numpy(), centroids / cnorm[:, None])  # [K] sum_i u_i . c_k
+        within_per_cluster = np.maximum(1.0 - dots / counts, 0.0)
+        return float(within_per_cluster.mean()), float(between)
+    between = euclidean_dispersion(centroids)
+    ref = torch.from_numpy(centroids).to(R.device)
+    # second pass (Euclidean): each row's distance to its own centroid, through one reused buffer
     dist_t = torch.empty(R.n, dtype=torch.float64, device=R.device)  # [N]
     cbuf: torch.Tensor | None = None
-    for (a, B), r in zip(R.blocks("float64"), norms):
+    for a, B in R.blocks("float64"):
         if cbuf is None:
             cbuf = torch.empty_like(B)
         c = torch.index_select(ref, 0, lab_t[a:a + len(B)], out=cbuf[: len(B)])  # [b, d] own centroids
-        if metric == "cosine":
-            torch.sum(c.mul_(B), dim=1, out=dist_t[a:a + len(B)])             # x_i . u_k
-            dist_t[a:a + len(B)].div_(r).neg_().add_(1.0)
-        else:
-            torch.linalg.vector_norm(c.sub_(B), dim=1, out=dist_t[a:a + len(B)])
+        torch.linalg.vector_norm(c.sub_(B), dim=1, out=dist_t[a:a + len(B)])
     dist = dist_t.cpu().numpy()                                      # [N]
     within_per_cluster = np.bincount(inv, weights=dist, minlength=k) / counts
     return float(within_per_cluster.mean()), float(between)
