@@ -57,19 +57,20 @@ def _cpus() -> set[int]:
 def _start_time(pid: int) -> str | None:
     """A process's start time (clock ticks since boot, Linux), or "" where unknown; ``None``
     when no such process runs. With the pid it names one process even after pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return None
-    except (OSError, IndexError):
+    if os.path.exists("/proc/self/stat"):
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except FileNotFoundError:
             return None
-        except PermissionError:
-            pass
-        return ""
+        except (OSError, IndexError):
+            return ""
+    try:  # no /proc (macOS): alive or not, no start time
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
 
 
 class CpuShare:
