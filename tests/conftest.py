@@ -133,3 +133,14 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
+
+
+# The longest files first: `--dist loadfile` hands whole files to the two workers in collection
+# order, so a long file collected last leaves one worker idle at the end.
+LONG_FIRST = ("test_flows.py", "test_deploy.py", "test_flows_s3.py", "test_scan.py", "test_analyses.py",
+              "test_leases.py", "test_train_sweep.py", "test_catalog.py", "test_gguf.py", "test_hardness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
