@@ -64,19 +64,24 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
 def track(config: RunConfig, store: Store, correlations: pa.Table, log: Callable[[str], None]) -> str | None:
     """Log the run to MLflow (``tracking.mlflow``): config, correlations, report, tables."""
     from dispersion import __version__
-    from dispersion.core.layout import MANIFESTS, run_of_manifest
     from dispersion.report.tracking import log_run
 
-    runs = sorted(store.glob(MANIFESTS), key=run_of_manifest)
     return log_run(config.tracking, config.model_dump(mode="json"), store, correlations, name=config.name,
-                   run_id=run_of_manifest(runs[-1]) if runs else None, version=__version__, log=log)
+                   run_id=newest_run_id(store), version=__version__, log=log)
+
+
+def newest_run_id(store: Store) -> str | None:
+    """The id of the newest finished scan of the root (its manifest), ``None`` before the first."""
+    from dispersion.core.layout import MANIFESTS, run_of_manifest
+
+    runs = sorted(store.glob(MANIFESTS), key=run_of_manifest)
+    return run_of_manifest(runs[-1]) if runs else None
 
 
 def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str, str]:
     """What the report's first lines say about a run: name and id, when, code version, models
     and revisions, datasets and segments, bins, what was measured."""
     from dispersion import __version__
-    from dispersion.core.layout import MANIFESTS, run_of_manifest
 
     revisions: dict[str, set[str]] = {}
     for u in units:
@@ -87,10 +92,10 @@ def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str
         return ", ".join(ordered) if len(ordered) <= 4 else f"{ordered[0]} … {ordered[-1]}, {len(ordered)} revisions"
 
     samples = {(u.segments.dataset, u.segments.sample): sum(u.segments.shard_rows) for u in units}
-    runs = sorted(store.glob(MANIFESTS), key=run_of_manifest)
+    run_id = newest_run_id(store)
     a, s = config.analysis, config.sampling
     return {
-        "run": f"`{config.name}`" + (f" (run id `{run_of_manifest(runs[-1])}`)" if runs else ""),
+        "run": f"`{config.name}`" + (f" (run id `{run_id}`)" if run_id else ""),
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f" by dispersion {__version__}",
         "models": "; ".join(f"{m} ({revs(r)})" for m, r in revisions.items()),
         "datasets": ", ".join(f"{d.name} ({d.embedded or (d.hf.path if d.hf else '')}, {d.split})"
