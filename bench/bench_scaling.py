@@ -29,7 +29,7 @@ def main() -> None:
     from dispersion.measure.scan import plan
     from dispersion.run import ensure_zoo
     from dispersion.core.storage import Store
-    from tasks.ray_extract import extract_on_ray
+    from tasks.ray_units import run_on_ray
 
     base = load_config("configs/default.yaml")
     models = [m.model_copy(update={"revisions": ["step300"]}) for m in base.models]
@@ -49,7 +49,8 @@ def main() -> None:
             cluster.add_node(num_cpus=cpus_per_node)
         ray.init(address=cluster.address, log_to_driver=False)
         t = time.perf_counter()
-        markers, _ = extract_on_ray(cfg, units, root)
+        run_on_ray(units, root, cfg.ray)
+        markers = [store.read_json(u.marker_rel) for u in units]
         wall = time.perf_counter() - t
         ray.shutdown()
         cluster.shutdown()

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from dispersion.analyses import STEPS, StepContext
 from dispersion.analyses.bins import analyze
-from dispersion.analyses.registry import report_sections, run_steps
+from dispersion.analyses.registry import Planned, report_sections, run_steps
 from dispersion.config import RunConfig
 from dispersion.core.catalog import build_catalog
 from dispersion.core.config import ScanConfig
@@ -41,15 +41,18 @@ class ScanResult:
 
 def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
               log: Callable[[str], None] = print,
-              only: list[str] | None = None) -> tuple[dict[str, pa.Table], dict[str, str], str]:
-    """Bins + correlations (published as results), the enabled analysis steps, the report,
-    and the catalog."""
+              only: list[str] | None = None, planned: dict[str, Planned] | None = None,
+              progress: bool = False) -> tuple[dict[str, pa.Table], dict[str, str], str]:
+    """Bins + correlations (published as results), the enabled analysis steps (the units of the
+    steps that measure computed first, unless ``planned`` by a flow whose runner computed them),
+    the report, and the catalog."""
     a = config.analysis
     vendi = a.enabled("vendi") if only is None else "vendi" in only
     tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi)
     for name, table in tables.items():
         store.write_table(result_path(name, config.name), table)
-    run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log), only=only)
+    run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log, planned=dict(planned or {}),
+                                 progress=progress), only=only)
     sections = report_sections(STEPS, store, config.name)
     layer = str(a.layer)
     report = publish_report(store, config.name, tables["bins"], tables["correlations"],
@@ -123,7 +126,7 @@ def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = Tru
     units = plan(config, store, log=log)
     stats = execute(units, config, store, progress=progress, log=log)
     run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
-    tables, report, catalog = aggregate(config, store, units, log=log)
+    tables, report, catalog = aggregate(config, store, units, log=log, progress=progress)
     return ScanResult(stats, tables, report, catalog, run_id)
 
 

@@ -35,9 +35,9 @@ def preflight(config: str, root: str | None, trust_remote_code: bool = False, mo
     check(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
-        from tasks.ray_extract import _check_reachable
+        from tasks.ray_units import check_reachable
 
-        _check_reachable(address)
+        check_reachable(address)
 
 
 def preflight_sweep(config: str) -> None:
@@ -48,9 +48,9 @@ def preflight_sweep(config: str) -> None:
     check(cfg.root, cfg)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
-        from tasks.ray_extract import _check_reachable
+        from tasks.ray_units import check_reachable
 
-        _check_reachable(address)
+        check_reachable(address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""The ``scan-models`` flow: the nightly model-zoo scan.
+"""The ``scan-models`` flow: the nightly model-zoo scan, and the one body of every measuring flow.
 
-config -> plan (sample segments, work units) -> Ray actors extract pending units ->
-DuckDB/Polars aggregations -> report (plot, tables, catalog) and Prefect artifacts.
+config -> plan (sample segments, work units, the units of the analysis steps that measure)
+-> Ray actors compute every pending unit -> DuckDB/Polars aggregations and the analysis steps
+(reading the published shards) -> report (plot, tables, catalog) and Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -9,22 +10,29 @@ from __future__ import annotations
 from prefect import flow
 
 from dispersion.config import RunConfig
+from dispersion.core.errors import ConfigError
 from dispersion.core.preflight import preflight
 from dispersion.measure.scan import WorkUnit
 from tasks.steps import aggregate_task, build_zoo_task, extract_task, load_config_task, plan_task
 
 
-def run_pipeline(cfg: RunConfig, root: str | None, trust_remote_code: bool = False) -> tuple[dict, list[WorkUnit]]:
-    """Body shared by the flows: preflight (consent for remote code, a usable root), plan,
-    fan out to Ray, aggregate. Returns the summary and the work units (for follow-up
-    analyses of the same units)."""
+def run_pipeline(cfg: RunConfig, root: str | None, trust_remote_code: bool = False,
+                 needs: str | None = None) -> tuple[dict, list[WorkUnit]]:
+    """The body of every measuring flow (scan-models, checkpoint-sweep, knnlm, hardness):
+    preflight (consent for remote code, a usable root), plan the scan and the analysis steps
+    that measure, fan every pending unit out to Ray, aggregate. ``needs``: an analysis step the
+    config must enable. Returns the summary and the work units (for follow-up analyses of the
+    same units)."""
+    if needs is not None and not cfg.analysis.enabled(needs):
+        raise ConfigError(f"analysis.steps: this flow needs the {needs} step")
     root = root or cfg.root
     preflight(root, cfg, trust_remote_code=trust_remote_code)
     build_zoo_task(cfg)
-    units = plan_task(cfg, root)
-    paths, ran = extract_task(cfg, units, root)
-    result = aggregate_task(cfg, units, root, ran)
-    return {**result, "features": len(paths)}, units
+    units, planned = plan_task(cfg, root)
+    paths, ran = extract_task(cfg, units, root, planned)
+    result = aggregate_task(cfg, units, root, ran, planned)
+    measured = {name: len(p.units) for name, p in planned.items()}
+    return {**result, "features": len(paths), **({"step_units": measured} if measured else {})}, units
 
 
 @flow(name="scan-models", log_prints=True)

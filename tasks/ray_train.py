@@ -16,7 +16,7 @@ import ray
 from dispersion.core.storage import Store
 from dispersion.core.threads import set_torch_threads
 from dispersion.training.sweep import Arm, SweepConfig, arm_rel, run_arm
-from tasks.ray_extract import connect, gather
+from tasks.ray_units import connect, gather, ray_options
 
 
 @ray.remote
@@ -36,9 +36,7 @@ def train_on_ray(cfg: SweepConfig, arms: list[Arm], progress: Callable[[Arm, str
         return 0
     started = connect(cfg.ray)
     spec = cfg.ray
-    task = _train_arm.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_retries=spec.max_restarts,
-                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.num_cpus))),
-                                                        "TOKENIZERS_PARALLELISM": "false"}})
+    task = _train_arm.options(**ray_options(spec, actor=False))
     payload = cfg.model_dump_json()
     refs = {task.remote(payload, a): a for a in pending}
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from dispersion.analyses.registry import Planned
 from dispersion.config import RunConfig, load_config
 from dispersion.core.layout import report_path
 from dispersion.core.storage import Store
@@ -40,28 +41,37 @@ def build_zoo_task(config: RunConfig) -> None:
 
 
 @task(name="plan", retries=2, retry_delay_seconds=5)
-def plan_task(config: RunConfig, root: str) -> list[WorkUnit]:
+def plan_task(config: RunConfig, root: str) -> tuple[list[WorkUnit], dict[str, Planned]]:
+    """The scan's work units (segments sampled and published) and the plans of the analysis
+    steps that measure (kNN-LM shards, query sets): everything the Ray runner computes."""
+    from dispersion.analyses import STEPS
+    from dispersion.analyses.registry import StepContext, plan_steps
+
     store = Store(root)
     store.check()
     units = plan(config, store, log=_log)
-    _log(f"{len(units)} work units planned")
-    return units
+    planned = plan_steps(STEPS, StepContext(config, store, units, {}, log=_log))
+    steps = "".join(f", {len(p.units)} {name} units" for name, p in planned.items())
+    _log(f"{len(units)} work units{steps} planned")
+    return units, planned
 
 
 @task(name="extract-on-ray", retries=2, retry_delay_seconds=10)
-def extract_task(config: RunConfig, units: list[WorkUnit], root: str) -> tuple[list[str], int]:
-    """Fan the pending units out to Ray actors; returns the published features shard paths
-    and how many units ran now."""
+def extract_task(config: RunConfig, units: list[WorkUnit], root: str,
+                 planned: dict[str, Planned] | None = None) -> tuple[list[str], int]:
+    """Fan the pending units out to Ray actors (the scan's and the measuring steps', one queue);
+    returns the published features shard paths and how many of the scan's units ran now."""
     import time
 
     from dispersion.core.progress import duration
-    from tasks.ray_extract import extract_on_ray
+    from tasks.ray_units import run_on_ray
 
+    work = [*units, *(u for p in (planned or {}).values() for u in p.units)]
     t0, finished = time.monotonic(), [0]
 
     def progress(marker: dict) -> None:
         finished[0] += 1
-        k, n = finished[0], len(units)
+        k, n = finished[0], len(work)
         elapsed = time.monotonic() - t0
         eta = f", ETA {duration(elapsed / k * (n - k))}" if k < n else ""
         _log(f"unit {k}/{n} done: {marker['unit']} in {marker['seconds']:.1f}s{eta}")
@@ -70,19 +80,22 @@ def extract_task(config: RunConfig, units: list[WorkUnit], root: str) -> tuple[l
     from prefect.runtime import flow_run
 
     owner = f"flow-run-{flow_run.id}" if flow_run.id else None
-    markers, ran = extract_on_ray(config, units, root, progress=progress, log=_log, owner=owner)
+    stats = run_on_ray(work, root, config.ray, progress=progress, log=_log, owner=owner)
+    scan_keys = {u.key for u in units}
     store = Store(root)
-    return [store.url(m["features"]) for m in markers], ran
+    return [store.url(u.features_rel) for u in units], sum(m.get("key") in scan_keys for m in stats.markers)
 
 
 @task(name="aggregate", retries=1)
-def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int) -> dict:
-    """Bins, correlations, report and catalog; Prefect artifacts with the summary."""
+def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int,
+                   planned: dict[str, Planned] | None = None) -> dict:
+    """Bins, correlations, the analysis steps (reading the shards the runner published), report
+    and catalog; Prefect artifacts with the summary."""
     store = Store(root)
     stats = ScanStats(planned=len(units), ran=ran, skipped=len(units) - ran,
                       segments=sum(u.n_rows for u in units))
     run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
-    tables, report, catalog = aggregate(config, store, units, log=_log)
+    tables, report, catalog = aggregate(config, store, units, log=_log, planned=planned)
     a = config.analysis
     corr = [r for r in tables["correlations"].to_pylist()
             if r["layer"] == str(a.layer) and r["site"] == a.site and r["pool"] in (a.pool, "tokens")

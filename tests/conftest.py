@@ -125,7 +125,7 @@ def local_ray():
     """One local Ray for a module's flow tests (each start costs seconds of both cores); the
     flows join it (``connect`` finds Ray running) and leave it running."""
     import ray
-    from tasks.ray_extract import connect
+    from tasks.ray_units import connect
 
     from dispersion.core.config import RaySpec
 

@@ -1,5 +1,7 @@
 """The package's structure as docs/ARCHITECTURE.md states it: rooms, import directions, no
-private names across modules, no import circle, every module importable on its own."""
+private names across modules, no import circle, every module importable on its own. The
+orchestration beside the library (``tasks/``, ``flows/``) is held to the same rules: the
+library never imports it, ``tasks`` never imports ``flows``."""
 
 from __future__ import annotations
 
@@ -23,21 +25,28 @@ ALLOWED = {
     "training": {"core", "measure", "report"},
     "analyses": {"core", "measure", "report", "training"},
     "top": {"core", "measure", "report", "training", "analyses"},
+    "tasks": {"core", "measure", "report", "training", "analyses", "top"},
+    "flows": {"core", "measure", "report", "training", "analyses", "top", "tasks"},
 }
+PACKAGES = ("dispersion", "tasks", "flows")
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for info in pkgutil.walk_packages([str(PKG)], prefix="dispersion."):
-        rel = info.name.split(".")[1:]
-        path = PKG.joinpath(*rel)
-        out[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
-    out["dispersion"] = PKG / "__init__.py"
+    for package in PACKAGES:
+        folder = ROOT / package
+        for info in pkgutil.walk_packages([str(folder)], prefix=f"{package}."):
+            rel = info.name.split(".")[1:]
+            path = folder.joinpath(*rel)
+            out[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
+        out[package] = folder / "__init__.py"
     return out
 
 
 def _room(module: str) -> str:
     parts = module.split(".")
+    if parts[0] in ("tasks", "flows"):
+        return parts[0]
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED and parts[1] != "top") \
         else "top"
 
@@ -54,10 +63,10 @@ def _imports(path: Path, module: str) -> list[tuple[str, list[str], int]]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            if mod.startswith("dispersion"):
+            if mod.split(".")[0] in PACKAGES:
                 out.append((mod, [a.name for a in node.names], node.lineno))
         elif isinstance(node, ast.Import):
-            out += [(a.name, [], node.lineno) for a in node.names if a.name.startswith("dispersion")]
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
     return out
 
 
@@ -72,7 +81,7 @@ def test_rooms_import_downwards_only():
             targets = [target] + [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
             for t in targets:
                 dst = _room(t)
-                if t == "dispersion" or dst == src or dst in ALLOWED[src]:
+                if t in PACKAGES or dst == src or dst in ALLOWED[src]:
                     continue
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {src} imports {t} ({dst})")
     assert not bad, "\n".join(sorted(set(bad)))
@@ -95,7 +104,7 @@ def test_no_import_circle():
         for target, names, _ in _imports(path, mod):
             deps |= {f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES} or {target}
         graph[mod] = {d for d in deps if d in MODULES and d != mod and not mod.startswith(d + ".")
-                      and d != "dispersion"}
+                      and d not in PACKAGES}
     # a package's __init__ may import its own modules (the registry list): fold it away
     for mod in graph:
         graph[mod] = {d for d in graph[mod] if not (d == mod.rsplit(".", 1)[0])}
@@ -152,8 +161,26 @@ sys.exit(1 if failed else 0)
 
 @pytest.mark.slow
 def test_every_module_imports_first_in_a_fresh_process():
-    """Each library module can be the first of the package a program imports: one forked child
-    per module, from a parent that loaded third-party libraries only."""
+    """Each module (library, tasks, flows) can be the first of the package a program imports:
+    one forked child per module, from a parent that loaded third-party libraries only."""
     r = subprocess.run([sys.executable, "-c", FORK_IMPORTS, ",".join(THIRD_PARTY), *sorted(MODULES)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+def test_ray_options_come_from_one_function():
+    """Every Ray actor and task takes its resources, retries and environment from
+    ``tasks.ray_units.ray_options`` (copies drifted before: one set OMP_NUM_THREADS=0)."""
+    import re
+
+    bad = []
+    for mod, path in MODULES.items():
+        if not mod.startswith(("tasks", "flows")):  # the library imports no Ray
+            continue
+        text = path.read_text()
+        for m in re.finditer(r"\.options\(([^)]*)\)", text):
+            if not m.group(1).lstrip().startswith("**ray_options("):
+                bad.append(f"{path.relative_to(ROOT)}: .options({m.group(1)[:40]})")
+        if re.search(r"runtime_env\s*=|[\"']runtime_env[\"']", text) and mod != "tasks.ray_units":
+            bad.append(f"{path.relative_to(ROOT)}: runtime_env outside tasks/ray_units.py")
+    assert not bad, "\n".join(bad)

@@ -56,7 +56,7 @@ def _kill_actor_after_first_unit(done_dir: Path, killed: list) -> None:
     while time.monotonic() < deadline and not list(done_dir.rglob("shard-*.json")):
         time.sleep(0.05)
     for proc in psutil.process_iter(["cmdline"]):
-        if any("ExtractActor" in part for part in (proc.info["cmdline"] or [])):
+        if any("UnitActor" in part for part in (proc.info["cmdline"] or [])):
             proc.kill()
             killed.append(proc.pid)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +242,7 @@ def test_controlled_slices_and_spearman_equal_a_naive_recomputation():
 
 
 def _measured_table(X, ppl, correct, within=None):
-    """A table shaped like :func:`dispersion.measure.queries.measure_queries`' output."""
+    """A table shaped like :func:`dispersion.measure.queries.read_measured`' output."""
     from dispersion.core.storage import vector_column
 
     n = len(correct)
@@ -387,15 +388,20 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
     assert [d.path for d in verify_root(store, log=lambda m: None).damaged] == [shard]
     third: list[str] = []
     run_steps(STEPS, StepContext(cfg, store, [], {}, log=third.append), only=["hardness"])
-    assert [line.split(" in ")[0] for line in third if "measured" in line] == [
-        "hardness: gpt2-tiny@step20 measured 25 queries of cloze-code"]
+    measured = [line.split(" in ")[0] for line in third if "measured" in line]
+    assert len(measured) == 1 and re.fullmatch(r"analysis hardness: measured 1 of \d+ units \(25 queries\)",
+                                               measured[0]), third
+    assert any(shard in line and "recomputing gpt2-tiny@step20 cloze-code shard 1" in line for line in third), third
     assert pq.read_table(store.path("results/hardness_slices/t.parquet")).to_pylist() == read["hardness_slices"]
     # the flow's path: a shard whose marker is gone is measured again by a Ray task, identically
+    from dispersion.analyses.registry import plan_steps
     from dispersion.core.layout import QUERY_MARKERS
-    from tasks.ray_hardness import measure_on_ray
+    from tasks.ray_units import run_on_ray
 
     before = {m: store.read_json(m)["checksums"] for m in store.glob(QUERY_MARKERS)}
     gone = next(m for m in sorted(before) if "model=llama-small" in m and "queryset=answers" in m)
     store.remove(gone)
-    assert measure_on_ray(cfg, str(tmp_path / "root"), log=lambda m: None) == 2  # two model revisions
+    planned = plan_steps(STEPS, StepContext(cfg, store, [], {}, log=lambda m: None), only=["hardness"])
+    stats = run_on_ray(planned["hardness"].units, str(tmp_path / "root"), cfg.ray, log=lambda m: None)
+    assert stats.ran == 1 and stats.skipped == len(planned["hardness"].units) - 1  # only the shard whose marker is gone
     assert {m: store.read_json(m)["checksums"] for m in store.glob(QUERY_MARKERS)} == before

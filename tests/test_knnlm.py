@@ -137,8 +137,15 @@ def _plan(store):
     spec = kn.ForwardSpec(candidates=(("2", "resid_mid"), ("3", "block")),
                           table1=(("0", "block"), ("3", "resid_mid"), ("3", "block"), ("final", "block")),
                           prepend_bos=True, dtype="float32", eval_every=2, eval_count=4, batch_size=2)
-    return ModelPlan(mr, 3, 16, BOS, spec, kn.plan_units(mr, "train", "store", train, spec),
-                     kn.plan_units(mr, "val", "eval", val, spec))
+    return ModelPlan(mr, 3, 16, BOS, spec, kn.plan_units(mr, "train", "store", train, spec, BOS),
+                     kn.plan_units(mr, "val", "eval", val, spec, BOS))
+
+
+def build(store, plans, log) -> int:
+    """The in-process runner over the plans' units: how many ran."""
+    from dispersion.measure.units import run_units
+
+    return run_units([u for p in plans for u in p.units], store, progress=False, log=log).ran
 
 
 def _files(store, plan):
@@ -160,7 +167,6 @@ def tiny(monkeypatch):
 
 
 def test_a_datastore_built_twice_is_identical(tmp_path, tiny):
-    from dispersion.analyses.knnlm import build
 
     stores = [Store(str(tmp_path / name)) for name in ("a", "b")]
     plans = [_plan(s) for s in stores]
@@ -187,7 +193,6 @@ def test_a_resumed_build_equals_an_uninterrupted_one(tmp_path, tiny):
     """Interrupted after two shards (and half-way through a third: files without a marker), the
     rerun computes only the rest and ends with the same files as a build that never stopped; a
     file changed after it was published is computed again."""
-    from dispersion.analyses.knnlm import build
 
     whole, cut = Store(str(tmp_path / "whole")), Store(str(tmp_path / "cut"))
     pw, pc = _plan(whole), _plan(cut)
@@ -287,12 +292,15 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
     assert result.catalog
     for view in ("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_chunks"):
         assert query(store, f"select count(*) as n from {view}").column("n")[0].as_py() > 0
-    # the flow's path: a shard whose marker is gone is built again by a Ray task, identically
-    from tasks.ray_knnlm import build_on_ray
+    # the flow's path: the step's plan on the Ray runner; a shard whose marker is gone is built again, identically
+    from dispersion.analyses import STEPS
+    from dispersion.analyses.registry import StepContext, plan_steps
+    from tasks.ray_units import run_on_ray
 
     before = {rel: cs for u in p.units for rel, cs in store.read_json(u.marker_rel)[CHECKSUMS].items()}
     store.remove(p.store_units[1].marker_rel)
-    assert build_on_ray(cfg, str(tmp_path), log=lambda m: None) == 1
+    planned = plan_steps(STEPS, StepContext(cfg, store, [], {}, log=lambda m: None), only=["knnlm"])
+    assert run_on_ray(planned["knnlm"].units, str(tmp_path), cfg.ray, log=lambda m: None).ran == 1
     assert {rel: cs for u in p.units for rel, cs in store.read_json(u.marker_rel)[CHECKSUMS].items()} == before
     # `dispersion verify` checks the kNN-LM shards too, and --repair releases a damaged one
     from dispersion.core.integrity import verify_root

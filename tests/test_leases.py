@@ -183,7 +183,7 @@ def test_stale_leases_are_taken_over_and_own_leases_retaken(micro_zoo, tmp_path)
     stats = execute(units, cfg, store, progress=False, log=logs.append, owner="this-run", lease_seconds=2)
     assert stats.ran == 6 and stats.skipped == 0
     assert time.monotonic() - t0 < 60
-    assert any(line.startswith("waiting for 1 work unit(s) that another run is extracting") for line in logs), logs
+    assert any(line.startswith("waiting for 1 unit(s) that another run is computing") for line in logs), logs
     assert not list((tmp_path / "r" / "_leases").rglob("*.json"))
 
 
@@ -224,7 +224,7 @@ def test_ray_actors_wait_for_leased_units_and_retake_their_own(micro_zoo, tmp_pa
     publishes it), a lease of this run's owner (a retried task) is taken at once."""
     from dispersion.config import RunConfig
     from dispersion.measure.scan import is_done, load_extractor, run_unit
-    from tasks.ray_extract import extract_on_ray
+    from tasks.ray_units import run_on_ray
 
     cfg, store, units = _plan(micro_zoo, tmp_path / "r")
     run_cfg = RunConfig.model_validate({**cfg.model_dump(), "ray": {"num_cpus": 1, "max_actors": 1}})
@@ -240,9 +240,9 @@ def test_ray_actors_wait_for_leased_units_and_retake_their_own(micro_zoo, tmp_pa
     thread = threading.Thread(target=finish, daemon=True)
     thread.start()
     logs: list[str] = []
-    markers, ran = extract_on_ray(run_cfg, units, str(tmp_path / "r"), log=logs.append, owner="flow-run-1",
-                                  lease_seconds=20)
+    stats = run_on_ray(units, str(tmp_path / "r"), run_cfg.ray, log=logs.append, owner="flow-run-1",
+                       lease_seconds=20)
     thread.join(60)
-    assert ran == 5 and all(is_done(store, u) for u in units) and len(markers) == 6
-    assert any(line.startswith("waiting for 1 work unit(s)") for line in logs), logs
+    assert stats.ran == 5 and stats.skipped == 1 and all(is_done(store, u) for u in units)
+    assert any(line.startswith("waiting for 1 unit(s)") for line in logs), logs
     assert not list((tmp_path / "r" / "_leases").rglob("*.json"))

@@ -413,7 +413,7 @@ def test_unreachable_ray_address_is_one_line():
     from servers import free_port
 
     from dispersion.core.config import RaySpec
-    from tasks.ray_extract import RayError, connect
+    from tasks.ray_units import RayError, connect
 
     port = free_port()
     t0 = time.monotonic()

@@ -174,7 +174,8 @@ def test_skip_first_must_leave_tokens(micro_zoo, tmp_path):
 
 def test_balance_uses_every_worker_and_keeps_models_contiguous():
     from dispersion.measure.modeling import ModelSource
-    from dispersion.measure.scan import ModelRevision, SegmentSet, WorkUnit, balance
+    from dispersion.measure.scan import ModelRevision, SegmentSet, WorkUnit
+    from dispersion.measure.units import balance
 
     def units(model, n):
         mr = ModelRevision(model, "main", ModelSource("/m", None, True), "auto", "models.0", "fp")

@@ -40,9 +40,9 @@ def _sleeper() -> subprocess.Popen:
 
 
 def _register(folder, pid: int, cpus: list[int], start: str | None = None) -> None:
-    from dispersion.core.threads import _start_time
+    from dispersion.core.processes import start_time
 
-    (folder / str(pid)).write_text(json.dumps({"start": start if start is not None else _start_time(pid),
+    (folder / str(pid)).write_text(json.dumps({"start": start if start is not None else start_time(pid),
                                                "cpus": cpus}))
 
 

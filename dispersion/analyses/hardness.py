@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.analyses.registry import Planned, Section, Step, StepContext
 from dispersion.core.config import LayerRef, Pool, Site, Strict
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.measure.metrics import mean_cosine_distance_to_rest
@@ -810,7 +810,7 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 def hardness_tables(measured: Sequence[tuple[str, str, str, pa.Table]], opts: HardnessOptions,
                     log: Callable[[str], None] = print) -> tuple[dict[str, pa.Table], list[SetResult]]:
     """Every table of the step from measured query sets ``(model, revision, queryset, table)``
-    (tables of :func:`dispersion.measure.queries.measure_queries`, plus a ``text`` column)."""
+    (tables of :func:`dispersion.measure.queries.read_measured`, plus a ``text`` column)."""
     rows: dict[str, list[dict]] = {k: [] for k in ("slices", "spearman", "calibration", "ranking", "queries")}
     results: list[SetResult] = []
     for model, rev, qs, table in measured:
@@ -906,6 +906,16 @@ class QueryJob:
     spec: Any                    # dispersion.measure.queries.QuerySpec
     device: str
 
+    def set_units(self) -> list[list]:
+        """Each query set's shards (:class:`dispersion.measure.queries.QueryUnit`)."""
+        from dispersion.measure.queries import query_units
+
+        return [query_units(self.mr, qs, self.spec, self.device) for qs in self.sets]
+
+    @property
+    def units(self) -> list:
+        return [u for us in self.set_units() for u in us]
+
 
 def plan_jobs(cfg: Any, opts: HardnessOptions) -> list[QueryJob]:
     """The measurements the step needs, one :class:`QueryJob` per model@revision, in the order
@@ -951,37 +961,28 @@ def plan_jobs(cfg: Any, opts: HardnessOptions) -> list[QueryJob]:
     return jobs
 
 
-def measure_job(store: Any, job: QueryJob, log: Callable[[str], None] = print) -> list[tuple[str, str, str, pa.Table]]:
-    """Measure (or read back, shard by shard) every query set of ``job``; the model and its
-    tokenizer load only when a shard must be computed. Returns ``(model, revision, set, table)``
-    with the queries' text appended."""
-    from dispersion.measure.modeling import load_model, load_tokenizer
-    from dispersion.measure.queries import measure_queries
+def read_job(store: Any, job: QueryJob) -> list[tuple[str, str, str, pa.Table]]:
+    """Every query set of ``job`` as its published shards (measured by the runner first):
+    ``(model, revision, set, table)`` with the queries' text appended."""
+    from dispersion.measure.queries import read_measured
 
     mr = job.mr
-    held: list = []
+    return [(mr.model, mr.revision, qs.name, read_measured(store, us).append_column("text", qs.queries.column("text")))
+            for qs, us in zip(job.sets, job.set_units())]
 
-    def load() -> tuple[Any, Any]:
-        if not held:
-            tok = load_tokenizer(mr.source, field=mr.field)
-            held.append((load_model(mr.source, dtype=job.spec.dtype, device=job.device, field=mr.field), tok))
-        return held[0]
 
-    out = []
-    for qs in job.sets:
-        t = measure_queries(store, qs, model_name=mr.model, revision=mr.revision, fingerprint=mr.fingerprint,
-                            spec=job.spec, load=load, log=log)
-        out.append((mr.model, mr.revision, qs.name, t.append_column("text", qs.queries.column("text"))))
-    held.clear()
-    return out
+def plan_step(ctx: StepContext) -> Planned:
+    """The step's units (every query-set shard of every model@revision), measured by the runner
+    before :func:`run`; the jobs are what ``run`` reads besides."""
+    jobs = plan_jobs(ctx.config, ctx.options("hardness"))
+    return Planned(units=[u for j in jobs for u in j.units], detail=jobs)
 
 
 def run(ctx: StepContext) -> Section:
-    """Measure every query set with its model(s) (stored shards, resumable; the ``hardness``
-    flow measures them on Ray first), then slice, calibrate, rank; tables, two figures and the
-    report section."""
+    """From the published query-set shards of :func:`plan_step`: slice, calibrate, rank; tables,
+    two figures and the report section."""
     opts: HardnessOptions = ctx.options("hardness")
-    measured = [m for job in plan_jobs(ctx.config, opts) for m in measure_job(ctx.store, job, ctx.log)]
+    measured = [m for job in ctx.planned["hardness"].detail for m in read_job(ctx.store, job)]
     tables, results = hardness_tables(measured, opts, log=ctx.log)
     main = next((r.variant for r in results), None)
     figures = {}
@@ -998,4 +999,4 @@ STEP = Step(name="hardness", title="Ranking example hardness without labels; cal
             paper="001 Sec. 3.1, Fig. 8, B.1.2-B.1.4, Tables 3-8",
             tables=("hardness_slices", "hardness_spearman", "hardness_calibration", "hardness_shift",
                     "hardness_ranking", "hardness_queries"),
-            run=run, options=HardnessOptions, default=HardnessOptions)
+            run=run, options=HardnessOptions, default=HardnessOptions, plan=plan_step, unit_name="queries")

@@ -49,7 +49,6 @@ Datastores and evaluation passes are shards in the store, resumable
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -58,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.analyses.registry import Planned, Section, Step, StepContext
 from dispersion.core.config import DatasetSpec, LayerRef, ScanConfig, Site, Strict
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.storage import Store
@@ -255,32 +254,16 @@ def plan(config: ScanConfig, store: Store, opts: KnnlmOptions, log: Callable[[st
                            batch_size=opts.batch_size or config.extraction.batch_size,
                            device=config.extraction.device)
         bos = resolve_bos(tok, f"{FIELD}.prepend_bos") if bos_on else None
-        plans.append(ModelPlan(mr, n, length, bos, spec, plan_units(mr, opts.datastore.name, "store", ws, spec),
-                               plan_units(mr, opts.evaluation.name, "eval", we, spec)))
+        plans.append(ModelPlan(mr, n, length, bos, spec, plan_units(mr, opts.datastore.name, "store", ws, spec, bos),
+                               plan_units(mr, opts.evaluation.name, "eval", we, spec, bos)))
     return plans
 
 
-def build(store: Store, plans: Sequence[ModelPlan], log: Callable[[str], None] = print) -> int:
-    """Compute every unit not yet published, in process (one model load per model@revision);
-    returns how many ran. The flow runs the same units as Ray tasks (``tasks/ray_knnlm.py``)."""
-    from dispersion.measure.knnlm import run_unit, unit_done
-    from dispersion.measure.modeling import load_model, resolve_device
-
-    ran = 0
-    for p in plans:
-        pending = [u for u in p.units if not unit_done(store, u, log)]
-        if not pending:
-            continue
-        t0 = time.perf_counter()
-        model = load_model(p.mr.source, dtype=p.spec.dtype, device=resolve_device(p.spec.device),
-                           field=p.mr.field)
-        for u in pending:
-            run_unit(store, u, model, p.bos)
-        ran += len(pending)
-        del model
-        log(f"knnlm: {p.mr.model}@{p.mr.revision} built {len(pending)} of {len(p.units)} shards "
-            f"in {time.perf_counter() - t0:.1f}s")
-    return ran
+def plan_step(ctx: StepContext) -> Planned:
+    """The step's units (every model@revision's datastore and evaluation shards), measured by
+    the runner before :func:`run`; the model plans are what ``run`` reads besides."""
+    plans = plan(ctx.config, ctx.store, ctx.options("knnlm"), log=ctx.log)
+    return Planned(units=[u for p in plans for u in p.units], detail=plans)
 
 
 # --------------------------------------------------------------------------- #
@@ -522,11 +505,10 @@ def summary_markdown(tables: dict[str, pa.Table], finals: dict[tuple[str, str], 
 # -- the step ------------------------------------------------------
 
 def run(ctx: StepContext) -> Section:
-    """Plan, build what is missing (in process), measure Table 1 and every candidate's kNN-LM,
-    and publish the verdict."""
+    """From the published shards of :func:`plan_step`: Table 1 and every candidate's kNN-LM
+    (FAISS search and scoring), and the verdict."""
     opts: KnnlmOptions = ctx.options("knnlm")
-    plans = plan(ctx.config, ctx.store, opts, log=ctx.log)
-    build(ctx.store, plans, log=ctx.log)
+    plans: list[ModelPlan] = ctx.planned["knnlm"].detail
     results = [measure(ctx.store, p, opts, log=ctx.log) for p in plans]
     tables = tables_of(results)
     finals = {(p.mr.model, p.mr.revision): str(p.n_layers) for p in plans}
@@ -538,4 +520,4 @@ def run(ctx: StepContext) -> Section:
 STEP = Step(name="knnlm", title="Layer selection for kNN-LM: dispersion vs a real kNN-LM",
             paper="001 Sec. 3.3, Table 1, B.3, Fig. 34",
             tables=("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_chunks"),
-            run=run, options=KnnlmOptions, default=KnnlmOptions)
+            run=run, options=KnnlmOptions, default=KnnlmOptions, plan=plan_step, unit_name="windows")

@@ -14,6 +14,11 @@ user typed) and the step table of docs/ANALYSES.md.
 and returns a :class:`Section`: tables (published as ``results/{table}/{run}.parquet``, one
 DuckDB view each), figures (``results/report/{run}/{name}.png``, the same figure as ``.svg``
 beside it) and a markdown section for the report.
+
+A step that needs new measurements (model forward passes: kNN-LM shards, query sets) also
+declares ``plan(ctx) -> Planned``: the units of :mod:`dispersion.measure.units` it needs.
+The runner computes them before the step runs (in process here, on Ray actors in the flows,
+leased and resumable either way), and its ``run`` only reads their published shards.
 """
 
 from __future__ import annotations
@@ -57,12 +62,25 @@ class AnalysisOptions(Strict):
 
 
 @dataclass
+class Planned:
+    """What a step that measures (``Step.plan``) needs computed before it runs: its units
+    (:mod:`dispersion.measure.units`; run by the scan's runner, in process or on Ray) and
+    whatever else its ``run`` reads of the plan (``detail``). The step's ``run`` only reads the
+    units' published shards."""
+
+    units: list
+    detail: Any = None
+
+
+@dataclass
 class StepContext:
     config: Any                      # dispersion.config.RunConfig
     store: Store
     units: list                      # dispersion.measure.scan.WorkUnit, all done
     tables: dict[str, pa.Table]      # main tables (bins, correlations) and earlier steps' tables
     log: Callable[[str], None] = print
+    planned: dict[str, Planned] = field(default_factory=dict)  # steps' plans, their units published
+    progress: bool = False           # progress lines while a step's units are measured in process
 
     @property
     def scan(self) -> ScanConfig:
@@ -105,6 +123,8 @@ class Step:
     uses: tuple[str, ...] = ()           # read when selected: run before this one
     options: Any = None                  # type of ``analysis.<name>`` (a pydantic model, a list of one)
     default: Callable[[], Any] | None = None  # its default value
+    plan: Callable[[StepContext], Planned] | None = None  # the units it measures (none: reads shards only)
+    unit_name: str = "rows"              # what its units' sizes count, for progress
 
     def section(self, **parts: Any) -> Section:
         return Section(self.name, self.title, self.paper, **parts)
@@ -160,14 +180,47 @@ def run_order(registry: Mapping[str, Step], selected: Iterable[str]) -> list[str
     return order
 
 
+def selected_steps(registry: Mapping[str, Step], analysis: AnalysisOptions, only: list[str] | None = None) -> list[str]:
+    """The steps a run does, in run order: the enabled ones (or ``only`` these) and their needs."""
+    return run_order(registry, only if only is not None else [s for s in registry if analysis.enabled(s)])
+
+
+def plan_steps(registry: Mapping[str, Step], ctx: StepContext, only: list[str] | None = None) -> dict[str, Planned]:
+    """The plans of the selected steps that measure (``Step.plan``), also kept in ``ctx.planned``;
+    a step planned already keeps its plan. Nothing is computed."""
+    for name in selected_steps(registry, ctx.analysis, only):
+        step = registry[name]
+        if step.plan is not None and name not in ctx.planned:
+            ctx.planned[name] = step.plan(ctx)
+    return {n: p for n, p in ctx.planned.items() if n in registry}
+
+
+def measure_step(step: Step, ctx: StepContext) -> None:
+    """Compute the step's units not yet published, in process, under leases
+    (:func:`dispersion.measure.units.run_units`); the flows run them on Ray first, so there
+    this finds every unit done."""
+    from dispersion.measure.units import run_units
+
+    planned = ctx.planned[step.name]
+    done = run_units(planned.units, ctx.store, what=step.name, unit_name=step.unit_name, progress=ctx.progress,
+                     log=ctx.log)
+    if done.ran:
+        ctx.log(f"analysis {step.name}: measured {done.ran} of {done.planned} units ({done.rows} {step.unit_name}) "
+                f"in {done.seconds:.1f} s")
+
+
 def run_steps(registry: Mapping[str, Step], ctx: StepContext, only: list[str] | None = None) -> list[Section]:
-    """Run the enabled steps (or ``only`` these) in dependency order; publish their outputs."""
-    a = ctx.analysis
-    selected = only if only is not None else [s for s in registry if a.enabled(s)]
+    """Run the enabled steps (or ``only`` these) in dependency order; publish their outputs.
+    A step that measures is planned (unless ``ctx.planned`` holds its plan) and its pending
+    units computed before its ``run``."""
     sections = []
-    for name in run_order(registry, selected):
+    for name in selected_steps(registry, ctx.analysis, only):
         t0 = time.perf_counter()
-        section = registry[name].run(ctx)
+        step = registry[name]
+        if step.plan is not None:
+            plan_steps(registry, ctx, only=[name])
+            measure_step(step, ctx)
+        section = step.run(ctx)
         publish_section(ctx.store, ctx.config.name, section)
         ctx.tables.update(section.tables)
         ctx.log(f"analysis {name}: {', '.join(section.tables) or 'figure only'} in {time.perf_counter() - t0:.1f} s")

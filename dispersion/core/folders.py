@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SUCCESS = "_SUCCESS"
@@ -33,10 +35,11 @@ def tmp_sibling(final: Path) -> Path:
     return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def install_folder(tmp: Path, final: Path, key: str) -> None:
-    """Move a finished build folder into place; an old/stale ``final`` is swapped out first."""
+def install_folder(tmp: Path, final: Path, key: str | None) -> None:
+    """Move a finished build folder into place; an old/stale ``final`` is swapped out first
+    (with a ``key``: unless it is a finished build of that key, which is kept)."""
     if final.exists():
-        if read_marker(final) == key:  # someone else finished the same build meanwhile
+        if key is not None and read_marker(final) == key:  # someone else finished the same build meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
             return
         trash = final.with_name(f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -45,9 +48,29 @@ def install_folder(tmp: Path, final: Path, key: str) -> None:
     try:
         os.replace(tmp, final)
     except OSError:
-        if read_marker(final) != key:
+        if key is None or read_marker(final) != key:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def publishing(final: Path, key: str | None = None) -> Iterator[Path]:
+    """Build the folder ``final`` atomically: yields an empty hidden sibling to fill. When the
+    block ends, ``_SUCCESS`` naming ``key`` (when given) is written and the sibling moved into
+    place (:func:`install_folder`); when the block raises, the sibling is deleted and the error
+    passes on. Stale siblings left by dead processes are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(final.parent)
+    tmp = tmp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if key is not None:
+            (tmp / SUCCESS).write_text(key + "\n")
+        install_folder(tmp, final, key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def clean_stale_tmp(cache: Path) -> None:

@@ -15,7 +15,7 @@
     {root}/checkpoints/{run}/arm={key}/step{N}/...                            (training checkpoints)
     {root}/train_runs/{sweep}/arm={key}.parquet                               (a finished sweep arm)
     {root}/runs/{run_id}/manifest.json                                        (what a scan did)
-    {root}/_leases/model={m}/.../spec={spec}/shard-{k:05d}.json               (a unit being extracted)
+    {root}/_leases/...                          (a unit being computed: the path of its marker under _done/)
     {root}/queries/model={m}/revision={r}/queryset={q}/sample={qk}/spec={spec}/shard-{k:05d}.parquet
         query_id, task, slice, correct, chosen, ppl, vec/{layer}/{site}/{pool}, within/{layer}/{site}
     {root}/_done/queries/model={m}/.../spec={spec}/shard-{k:05d}.json         (query-shard marker)
@@ -98,9 +98,12 @@ def partition_values(rel: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in parts if "=" in p)
 
 
-def unit_lease(part: str, k: int) -> str:
-    """Which run is extracting this unit right now (see :mod:`dispersion.core.leases`)."""
-    return f"_leases/{part}/{shard_name(k, 'json')}"
+def lease_of(marker: str) -> str:
+    """The lease of the unit whose done marker is ``marker`` (``_done/X`` -> ``_leases/X``):
+    every kind of unit (scan, kNN-LM, query shard) is leased the same way."""
+    if not marker.startswith("_done/"):
+        raise ValueError(f"not a done marker: {marker!r}")
+    return "_leases/" + marker[len("_done/"):]
 
 
 # -- query sets (the hardness step, dispersion.measure.queries) -------------------------------

@@ -1,14 +1,17 @@
 """Leases: which run is working on a piece of work right now, so that concurrent runs and
 retries split the work instead of doing it twice.
 
-A lease is a small JSON object (``owner``, ``host``, ``pid``, ``expires``, ``note``) at a path
-under the store (``_leases/...`` for work units, see :func:`dispersion.core.layout.unit_lease`),
+A lease is a small JSON object (``owner``, ``host``, ``pid``, its ``start`` time and pid namespace
+``pidns``, ``expires``, ``note``) at a path under the store (``_leases/`` + the path of the unit's
+done marker under ``_done/``, see :func:`dispersion.core.layout.lease_of`),
 written with an exclusive create (:meth:`dispersion.core.storage.Store.create`: a hard link
 locally, ``If-None-Match: *`` on S3). Whoever creates it holds it until it is released or
 expires:
 
 * ``claim`` takes a free lease, re-takes one of its own ``owner`` (a retry of the same run),
-  takes over an expired one, and otherwise returns the holder's lease;
+  takes over an expired one or one whose holder was a process of this host that is gone (its
+  pid no longer runs, or names a process started at another time: a killed run's units are
+  free at once on the host it ran on), and otherwise returns the holder's lease;
 * ``renew`` pushes ``expires`` forward (the holder calls it while it works);
 * ``release`` deletes it once the work is published.
 
@@ -16,9 +19,9 @@ Renewing, releasing and taking over are conditional on the version the caller re
 (``replace_if``/``delete_if``), so two runs that find one expired lease cannot both take it
 (locally and on S3; other object stores get a best-effort emulation). Expiry compares the
 ``expires`` a host wrote with the reader's wall clock: hosts sharing a store should have
-clocks that agree to well within ``seconds`` (NTP). A holder that stops renewing (a killed
-process) keeps its work leased until ``expires``; a holder too slow to renew may lose its
-lease and then only repeats work whose outputs are published atomically.
+clocks that agree to well within ``seconds`` (NTP). A holder on another host that stops
+renewing (a killed process) keeps its work leased until ``expires``; a holder too slow to
+renew may lose its lease and then only repeats work whose outputs are published atomically.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from dispersion.core.processes import gone, pid_namespace, start_time
 from dispersion.core.storage import Store
 
 LEASE_SECONDS = 600.0  # how long a lease lives without renewal
@@ -48,6 +52,13 @@ def _parse(data: bytes) -> dict:
     return body if isinstance(body, dict) else {}
 
 
+def dead_holder(lease: dict) -> bool:
+    """The lease was written by a process of this host (and pid namespace) that no longer runs."""
+    pid = lease.get("pid")
+    return (lease.get("host") == socket.gethostname() and lease.get("pidns") == pid_namespace()
+            and isinstance(pid, int) and pid != os.getpid() and gone(pid, lease.get("start")))
+
+
 def describe(lease: dict, now: float | None = None) -> str:
     """``host pid N, expires in Ts`` for log lines."""
     left = float(lease.get("expires", 0)) - (time.time() if now is None else now)
@@ -64,9 +75,11 @@ class Leases:
         self.seconds = float(seconds)
         self.clock = clock
         self._held: dict[str, tuple[str, bytes, float]] = {}  # rel -> (tag, body, monotonic time written)
+        self._start = start_time(os.getpid()) or ""
 
     def _body(self, note: str) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "start": self._start, "pidns": pid_namespace(),
                            "expires": round(self.clock() + self.seconds, 3), "note": note}).encode()
 
     def holds(self, rel: str) -> bool:
@@ -92,9 +105,10 @@ class Leases:
                     self._held[rel] = (new, body, time.monotonic())
                     return None
                 continue
-            if lease and float(lease.get("expires", 0)) > self.clock():
+            if lease and float(lease.get("expires", 0)) > self.clock() and not dead_holder(lease):
                 return lease
-            self.store.delete_if(rel, tag)  # expired (or unreadable): whoever deletes this version takes over
+            # expired, its holder gone, or unreadable: whoever deletes this version takes over
+            self.store.delete_if(rel, tag)
         current = self.store.read_versioned(rel)
         return (_parse(current[0]) if current else {}) or {"owner": "?", "expires": self.clock() + self.seconds}
 
@@ -138,4 +152,4 @@ class Leases:
         if current is None:
             return None
         lease = _parse(current[0])
-        return lease if lease and float(lease.get("expires", 0)) > self.clock() else None
+        return lease if lease and float(lease.get("expires", 0)) > self.clock() and not dead_holder(lease) else None

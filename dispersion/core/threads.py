@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dispersion.core.processes import start_time
+
 AFFINITY = "CPUs available to this process"
 REFRESH_S = 1.0  # follow_share re-reads the registry at most this often
 
@@ -54,25 +56,6 @@ def _cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot, Linux), or "" where unknown; ``None``
-    when no such process runs. With the pid it names one process even after pid reuse."""
-    if os.path.exists("/proc/self/stat"):
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        except FileNotFoundError:
-            return None
-        except (OSError, IndexError):
-            return ""
-    try:  # no /proc (macOS): alive or not, no start time
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return ""
-
-
 class CpuShare:
     """This process's entry in a folder of live dispersion processes, and its share of the CPUs.
 
@@ -84,7 +67,7 @@ class CpuShare:
     def __init__(self, folder: Path, cpus: set[int]) -> None:
         self.folder, self.cpus, self.pid = folder, set(cpus), os.getpid()
         self.folder.mkdir(parents=True, exist_ok=True)
-        entry = {"start": _start_time(self.pid) or "", "cpus": sorted(self.cpus)}
+        entry = {"start": start_time(self.pid) or "", "cpus": sorted(self.cpus)}
         tmp = self.folder / f".{self.pid}.tmp"
         tmp.write_text(json.dumps(entry))
         os.replace(tmp, self.path)  # readers never see half an entry
@@ -103,7 +86,7 @@ class CpuShare:
                 entry = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue  # removed or being replaced right now
-            start = _start_time(int(f.name))
+            start = start_time(int(f.name))
             if start is None or (start and entry.get("start") and start != entry["start"]):
                 f.unlink(missing_ok=True)  # its process is gone (or the pid was reused)
                 continue

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from dispersion.core.config import GGUFSpec, ModelSpec
 from dispersion.core.errors import ModelError
-from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
+from dispersion.core.folders import cache_root, publishing, read_marker
 from dispersion.core.ids import checksum, digest
 
 CONVERTER = 1  # bump when the conversion writes something else: every GGUF is converted again
@@ -120,16 +119,10 @@ def _download(url: str, cache: Path, field: str) -> Path:
     local = final / (Path(path).name or "model.gguf")
     if read_marker(final) == key and local.is_file():
         return local
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(final.parent)
-    tmp = tmp_sibling(final)
-    tmp.mkdir()
     try:
-        fs.get_file(path, str(tmp / local.name))
-        (tmp / SUCCESS).write_text(key)
-        install_folder(tmp, final, key)
+        with publishing(final, key) as tmp:
+            fs.get_file(path, str(tmp / local.name))
     except Exception as err:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{field}: cannot download {url!r}: {_first_line(err)}") from None
     return local
 
@@ -230,36 +223,30 @@ def convert_gguf(path: Path, cache: str | os.PathLike, *, field: str = "gguf",
     key = f"{sha}-c{CONVERTER}"
     if read_marker(final) == key:
         return ConvertedModel(final, sha, path, 0.0)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(final.parent)
     t0 = time.perf_counter()
-    tmp = tmp_sibling(final)
-    tmp.mkdir()
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with publishing(final, key) as tmp:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from dispersion.measure.modeling import quiet_transformers
+            from dispersion.measure.modeling import quiet_transformers
 
-        with quiet_transformers():
-            # the config is read first: an unsupported architecture fails before any tensor is read
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            plain = _dequantized_copy(model)
-            del model
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        meta = {"gguf": path.name, "blake2b": sha, "bytes": path.stat().st_size, "converter": CONVERTER,
-                "model_type": plain.config.model_type, "dtype": "float32",
-                "seconds": round(time.perf_counter() - t0, 1)}
-        (tmp / "gguf.json").write_text(json.dumps(meta, indent=1))
-        (tmp / SUCCESS).write_text(key)
-        install_folder(tmp, final, key)
+            with quiet_transformers():
+                # the config is read first: an unsupported architecture fails before any tensor is read
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                plain = _dequantized_copy(model)
+                del model
+                plain.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            meta = {"gguf": path.name, "blake2b": sha, "bytes": path.stat().st_size, "converter": CONVERTER,
+                    "model_type": plain.config.model_type, "dtype": "float32",
+                    "seconds": round(time.perf_counter() - t0, 1)}
+            (tmp / "gguf.json").write_text(json.dumps(meta, indent=1))
     except ModelError:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as err:  # noqa: BLE001  # transformers/gguf raise many kinds; the user sees one line
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{field}: cannot convert GGUF {path.name!r}: {_first_line(err)}") from None
     seconds = time.perf_counter() - t0
     if log is not None:

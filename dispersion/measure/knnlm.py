@@ -64,9 +64,10 @@ from dispersion.core import layout
 from dispersion.core.config import DatasetSpec, SamplingSpec, ScanConfig, Strict
 from dispersion.core.errors import DataError, ModelError, NonFiniteError
 from dispersion.core.ids import checksum, digest
-from dispersion.core.integrity import CHECKSUMS, check_marker, marker_done, recorded
+from dispersion.core.integrity import CHECKSUMS, check_marker, recorded
 from dispersion.core.storage import Store, vector_column
 from dispersion.measure.scan import ModelRevision, SegmentSet, prepare_segments
+from dispersion.measure.units import is_done
 
 Target = tuple[str, str]  # (layer name, site)
 Part = Literal["store", "eval"]
@@ -321,6 +322,7 @@ class KnnUnit:
     windows: SegmentSet
     shard: int
     spec: ForwardSpec
+    bos: int | None = None  # the BOS id fed first when ``spec.prepend_bos``
 
     @property
     def partition(self) -> str:
@@ -357,15 +359,40 @@ class KnnUnit:
     def describe(self) -> str:
         return f"{self.mr.model}@{self.mr.revision} {self.corpus} {self.part} shard {self.shard}"
 
+    # -- the unit protocol (dispersion.measure.units) --
+    @property
+    def size(self) -> int:
+        return self.n_windows
 
-def plan_units(mr: ModelRevision, corpus: str, part: Part, windows: SegmentSet, spec: ForwardSpec) -> list[KnnUnit]:
-    return [KnnUnit(mr, corpus, part, windows, k, spec) for k in range(len(windows.shard_rows))]
+    @property
+    def model_key(self) -> tuple[str, str, str, str, str]:
+        return ("model", self.mr.model, self.mr.revision, self.spec.dtype, self.spec.device)
+
+    def expect(self) -> dict:
+        return {"key": self.key, "windows": self.n_windows}
+
+    def load(self):
+        from dispersion.measure.modeling import load_model, resolve_device
+
+        return load_model(self.mr.source, dtype=self.spec.dtype, device=resolve_device(self.spec.device),
+                          field=self.mr.field)
+
+    def run(self, store: Store, loaded, progress: Callable[[int], None] | None = None) -> dict:
+        marker = run_unit(store, self, loaded, self.bos)
+        if progress is not None:
+            progress(self.n_windows)
+        return marker
+
+
+def plan_units(mr: ModelRevision, corpus: str, part: Part, windows: SegmentSet, spec: ForwardSpec,
+               bos: int | None = None) -> list[KnnUnit]:
+    return [KnnUnit(mr, corpus, part, windows, k, spec, bos) for k in range(len(windows.shard_rows))]
 
 
 def unit_done(store: Store, unit: KnnUnit, log: Callable[[str], None] = print) -> bool:
     """Done: its marker names this unit's key and window count and its files check out
-    (:func:`dispersion.core.integrity.marker_done`)."""
-    return marker_done(store, unit.marker_rel, {"key": unit.key, "windows": unit.n_windows}, unit.describe(), log)
+    (:func:`dispersion.measure.units.is_done`)."""
+    return is_done(store, unit, log)
 
 
 def _vectors(v: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:

@@ -25,8 +25,8 @@ A *query set* is a table of :data:`QUERY_SCHEMA` (``query_id``, ``text``, ``corr
 
   so correct/incorrect labels exist for every model, zoo and real.
 
-One model's measurement of a query (:func:`measure_queries`) is what the hardness analysis
-reads: the pooled hidden states of the query text (the paper's choice is the final layer's
+One model's measurement of a query (:class:`QueryUnit`, read back with :func:`read_measured`) is
+what the hardness analysis reads: the pooled hidden states of the query text (the paper's choice is the final layer's
 last-token state; other layers, sites and the ``mean`` pool are selectable), the within-query
 token dispersion of those states (as :mod:`dispersion.measure.extract` defines it), and the
 perplexity of the query text, ``ppl = exp(-(1/n) sum_t log p(x_t | x_<t))``, over the same
@@ -53,9 +53,9 @@ import numpy as np
 import pyarrow as pa
 
 from dispersion.core import layout
-from dispersion.core.errors import ConfigError, DataError, IntegrityError, ModelError, NonFiniteError
+from dispersion.core.errors import ConfigError, DataError, ModelError, NonFiniteError
 from dispersion.core.ids import digest
-from dispersion.core.integrity import CHECKSUMS, check_marker
+from dispersion.core.integrity import CHECKSUMS
 from dispersion.core.storage import Store, arrow_bytes, parse_parquet, vector_column
 from dispersion.measure.capture import Capture, Target, layer_names, targets
 from dispersion.measure.corpus import Document
@@ -71,7 +71,9 @@ __all__ = [
     "answer_cloze",
     "build_cloze",
     "lm_eval_sample_files",
-    "measure_queries",
+    "QueryUnit",
+    "query_units",
+    "read_measured",
     "measure_texts",
     "query_arrays",
     "read_lm_eval_samples",
@@ -648,70 +650,110 @@ def _shard_table(q: pa.Table, m: Measured, chosen: np.ndarray | None, correct: n
     return pa.table(cols)
 
 
-def measure_queries(store: Store, qs: QuerySet, *, model_name: str, revision: str, fingerprint: str,
-                    spec: QuerySpec, load: Callable[[], tuple[Any, Any]],
-                    log: Callable[[str], None] = print) -> pa.Table:
-    """One model@revision's measurement of a query set, from the store when published.
+@dataclass(frozen=True)
+class QueryUnit:
+    """One shard (rows ``start:stop``) of one query set measured by one model@revision with one
+    :class:`QuerySpec`: a unit of :mod:`dispersion.measure.units`. Its key hashes the weights'
+    fingerprint, the set's content key, the spec, the shard and its rows."""
 
-    The queries are cut into shards of ``spec.shard_size``; a shard whose done marker names
-    its key (model fingerprint, query-set key, spec, shard, rows) and whose file still
-    matches the recorded checksum is read back; any other is computed (``load()`` returns
-    ``(model, tokenizer)``, called at most once) and published, data first, marker last.
-    Returns the concatenated shards: ``query_id``, ``task``, ``slice``, ``correct``,
-    ``chosen`` (cloze), ``n_tokens``, ``n_scored``, ``nll_sum``, ``ppl``, ``loglik`` (cloze),
-    ``vec/{layer}/{site}/{pool}``, ``within/{layer}/{site}``.
-    """
-    from dispersion.measure.sampling import shard_slices
+    mr: Any                  # dispersion.measure.scan.ModelRevision
+    qs: QuerySet
+    spec: QuerySpec
+    shard: int
+    start: int
+    stop: int
+    device: str = "cpu"
 
-    part = layout.query_partition(model_name, revision, qs.name, qs.key, spec.key())
-    loaded: list[tuple[Any, Any]] = []
-    tables = []
-    ran = 0
-    t0 = time.perf_counter()
-    for k, (a, b) in enumerate(shard_slices(qs.queries.num_rows, spec.shard_size)):
-        rel, mrel = layout.query_shard(part, k), layout.query_marker(part, k)
-        key = digest([fingerprint, qs.key, spec.key(), k, b - a], chars=20)
-        try:
-            marker = store.read_json(mrel)
-        except IntegrityError as err:
-            log(f"warning: {err.path}: {err.reason}; measuring again")
-            marker = None
-        if marker and marker.get("key") == key and marker.get("rows") == b - a:
-            damage = check_marker(store, mrel, marker, first_only=True)
-            if not damage:
-                tables.append(store.read_shard(rel, (marker.get(CHECKSUMS) or {}).get(rel)))
-                continue
-            log(f"warning: {damage[0].line()}; measuring again")
-        if not loaded:
-            loaded.append(load())
-        model, tok = loaded[0]
-        rows = slice(a, b)
-        pick = qs.queries.slice(a, b - a)
+    @property
+    def partition(self) -> str:
+        return layout.query_partition(self.mr.model, self.mr.revision, self.qs.name, self.qs.key, self.spec.key())
+
+    @property
+    def rel(self) -> str:
+        return layout.query_shard(self.partition, self.shard)
+
+    @property
+    def marker_rel(self) -> str:
+        return layout.query_marker(self.partition, self.shard)
+
+    @property
+    def key(self) -> str:
+        return digest([self.mr.fingerprint, self.qs.key, self.spec.key(), self.shard, self.size], chars=20)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def model_key(self) -> tuple[str, str, str, str, str]:
+        return ("model+tokenizer", self.mr.model, self.mr.revision, self.spec.dtype, self.device)
+
+    def expect(self) -> dict:
+        return {"key": self.key, "rows": self.size}
+
+    def describe(self) -> str:
+        return f"{self.mr.model}@{self.mr.revision} {self.qs.name} shard {self.shard}"
+
+    def load(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)``."""
+        from dispersion.measure.modeling import load_model, load_tokenizer
+
+        mr = self.mr
+        tok = load_tokenizer(mr.source, field=mr.field)
+        return load_model(mr.source, dtype=self.spec.dtype, device=self.device, field=mr.field), tok
+
+    def run(self, store: Store, loaded: tuple[Any, Any], progress: Callable[[int], None] | None = None) -> dict:
+        """Measure the shard and publish it, data first, marker last; returns the marker."""
+        model, tok = loaded
+        spec, qs = self.spec, self.qs
+        pick = qs.queries.slice(self.start, self.size)
         common = dict(layers=spec.layers, sites=spec.sites, pools=spec.pools, prepend_bos=spec.prepend_bos,
                       batch_size=spec.batch_size)
         if qs.cloze is not None:
             from dispersion.measure.capture import resolve_bos
 
             bos = resolve_bos(tok, "extraction.prepend_bos") if spec.prepend_bos else None
-            ans = answer_cloze(model, qs.cloze.take(rows), bos_token_id=bos, **common)  # type: ignore[arg-type]
+            ans = answer_cloze(model, qs.cloze.take(slice(self.start, self.stop)), bos_token_id=bos,
+                               **common)  # type: ignore[arg-type]
             table = _shard_table(pick, ans, ans.chosen, ans.correct, ans.loglik)
         else:
             m = measure_texts(model, tok, pick.column("text").to_pylist(), max_tokens=spec.max_tokens,
                               **common)  # type: ignore[arg-type]
             table = _shard_table(pick, m, None, np.asarray(pick.column("correct").to_pylist(), bool), None)
-        sums = {rel: store.write_table(rel, table)}
-        store.write_json(mrel, {"key": key, "rows": b - a, "files": [rel], CHECKSUMS: sums,
-                                "queryset": qs.name, "model": model_name, "revision": revision})
-        tables.append(table)
-        ran += b - a
-    if ran:
-        log(f"hardness: {model_name}@{revision} measured {ran} queries of {qs.name} "
-            f"in {time.perf_counter() - t0:.1f}s")
+        sums = {self.rel: store.write_table(self.rel, table)}
+        marker = {"key": self.key, "rows": self.size, "files": [self.rel], CHECKSUMS: sums,
+                  "queryset": qs.name, "model": self.mr.model, "revision": self.mr.revision,
+                  "unit": self.describe()}
+        store.write_json(self.marker_rel, marker)
+        if progress is not None:
+            progress(self.size)
+        return marker
+
+
+def query_units(mr: Any, qs: QuerySet, spec: QuerySpec, device: str = "cpu") -> list[QueryUnit]:
+    """The shards of ``spec.shard_size`` queries of one model@revision's measurement of ``qs``."""
+    from dispersion.measure.sampling import shard_slices
+
+    return [QueryUnit(mr, qs, spec, k, a, b, device)
+            for k, (a, b) in enumerate(shard_slices(qs.queries.num_rows, spec.shard_size))]
+
+
+def read_measured(store: Store, units: Sequence[QueryUnit]) -> pa.Table:
+    """The published shards of ``units`` (one query set's), concatenated, each checked against
+    the checksum its marker recorded: ``query_id``, ``task``, ``slice``, ``correct``,
+    ``chosen`` (cloze), ``n_tokens``, ``n_scored``, ``nll_sum``, ``ppl``, ``loglik`` (cloze),
+    ``vec/{layer}/{site}/{pool}``, ``within/{layer}/{site}``."""
+    tables = []
+    for u in units:
+        marker = store.read_json(u.marker_rel) or {}
+        if marker.get("key") != u.key:
+            raise DataError(f"{u.marker_rel}: {u.describe()} is not measured; run `dispersion scan` first")
+        tables.append(store.read_shard(u.rel, (marker.get(CHECKSUMS) or {}).get(u.rel)))
     return pa.concat_tables(tables)
 
 
 def query_arrays(table: pa.Table, layer: str, site: str, pool: str) -> np.ndarray:
-    """(N, d) float32 vectors of one (layer, site, pool) from a :func:`measure_queries` table."""
+    """(N, d) float32 vectors of one (layer, site, pool) from a :func:`read_measured` table."""
     name = vector_name(layer, site, pool)
     if name not in table.column_names:
         raise ModelError(f"hardness: no stored vectors for layer {layer} site {site} pool {pool}")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -29,13 +29,14 @@ from dispersion.core import layout
 from dispersion.core.config import ExtractionSpec, ScanConfig
 from dispersion.core.errors import ConfigError, DataError, IntegrityError, ModelError
 from dispersion.core.ids import digest
-from dispersion.core.integrity import CHECKSUMS, check_marker, marker_done, recorded
-from dispersion.core.leases import LEASE_SECONDS, Leases, describe
-from dispersion.core.progress import Progress
+from dispersion.core.integrity import CHECKSUMS, check_marker, recorded
+from dispersion.core.leases import LEASE_SECONDS
 from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
 from dispersion.measure.corpus import dataset_key, document_source
 from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
 from dispersion.measure.sampling import sample_key, sample_segments, shard_slices, tokenizer_fingerprint
+from dispersion.measure.units import is_done as units_is_done
+from dispersion.measure.units import run_units
 from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
 
 
@@ -80,10 +81,31 @@ class WorkUnit:
     shard: int
     spec_key: str
     dtype: str  # resolved dtype, part of spec_key
+    extraction: ExtractionSpec | None = field(default=None, compare=False)  # what spec_key hashes
 
     @property
     def n_rows(self) -> int:
         return self.segments.shard_rows[self.shard]
+
+    # -- the unit protocol (dispersion.measure.units) --
+    @property
+    def size(self) -> int:
+        return self.n_rows
+
+    @property
+    def model_key(self) -> tuple[str, str, str, str]:
+        return ("extract", self.mr.model, self.mr.revision, self.spec_key)
+
+    def expect(self) -> dict:
+        return {"key": self.key, "rows": self.n_rows}
+
+    def load(self):
+        if self.extraction is None:
+            raise ValueError(f"{self.describe()}: planned without its extraction spec")
+        return load_extractor(self.mr, self.extraction, self.dtype)
+
+    def run(self, store: Store, loaded, progress: Callable[[int], None] | None = None) -> dict:
+        return run_unit(self, loaded, store, progress=progress)
 
     def _part(self) -> str:
         return layout.unit_partition(self.mr.model, self.mr.revision, self.segments.dataset,
@@ -102,7 +124,7 @@ class WorkUnit:
 
     @property
     def lease_rel(self) -> str:
-        return layout.unit_lease(self._part(), self.shard)
+        return layout.lease_of(self.marker_rel)
 
     @property
     def key(self) -> str:
@@ -116,9 +138,8 @@ class WorkUnit:
 
 
 def is_done(store: Store, unit: WorkUnit, log: Callable[[str], None] = print) -> bool:
-    """Done: the marker names this unit's key and row count and its files check out
-    (:func:`dispersion.core.integrity.marker_done`); otherwise the unit is pending."""
-    return marker_done(store, unit.marker_rel, {"key": unit.key, "rows": unit.n_rows}, unit.describe(), log)
+    """Done: the marker names this unit's key and row count and its files check out."""
+    return units_is_done(store, unit, log)
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -289,7 +310,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         dtype = resolve_dtype(mr.dtype, device)
         spec_key = config.extraction.key(dtype)
         for seg in seg_cache[(fp, n)].values():
-            units.extend(WorkUnit(mr, seg, k, spec_key, dtype) for k in range(len(seg.shard_rows)))
+            units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction)
+                         for k in range(len(seg.shard_rows)))
     for write in publish:
         write()
     return units
@@ -343,34 +365,6 @@ def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], 
     return marker
 
 
-def group_by_model(units: Iterable[WorkUnit]) -> dict[tuple[str, str], list[WorkUnit]]:
-    groups: dict[tuple[str, str], list[WorkUnit]] = {}
-    for u in units:
-        groups.setdefault((u.mr.model, u.mr.revision), []).append(u)
-    return groups
-
-
-def balance(units: list[WorkUnit], n_workers: int) -> list[list[WorkUnit]]:
-    """Split units into per-worker queues: each model@revision is cut into contiguous chunks
-    (one model load per chunk) in proportion to its rows, so that more workers than models
-    are all used, and chunks go longest-first to the least-loaded worker."""
-    groups = list(group_by_model(units).values())
-    total = sum(u.n_rows for u in units) or 1
-    chunks: list[list[WorkUnit]] = []
-    for group in groups:
-        rows = sum(u.n_rows for u in group)
-        k = min(len(group), max(1, round(n_workers * rows / total)))
-        size = -(-len(group) // k)
-        chunks.extend(group[i:i + size] for i in range(0, len(group), size))
-    queues: list[list[WorkUnit]] = [[] for _ in range(max(1, n_workers))]
-    load = [0] * len(queues)
-    for chunk in sorted(chunks, key=lambda c: -sum(u.n_rows for u in c)):
-        w = load.index(min(load))
-        queues[w].extend(chunk)
-        load[w] += sum(u.n_rows for u in chunk)
-    return [q for q in queues if q]
-
-
 @dataclass
 class ScanStats:
     planned: int = 0
@@ -381,98 +375,16 @@ class ScanStats:
     markers: list[dict] = field(default_factory=list)
 
 
-def run_leased(unit: WorkUnit, store: Store, leases: Leases, extractor_for: Callable[[WorkUnit], object],
-               progress: Callable[[int], None] | None = None,
-               log: Callable[[str], None] = print) -> tuple[str, dict]:
-    """Run ``unit`` under its lease: ``("ran", marker)``; ``("done", marker)`` when another
-    run published it first; ``("leased", lease)`` when another live run holds it (try later).
-    The lease is renewed while the unit runs and released once it is published or failed."""
-    rel = unit.lease_rel
-    holder = leases.claim(rel, note=unit.describe())
-    if holder is not None:
-        return "leased", holder
-    try:
-        if is_done(store, unit, log=log):  # finished by another run since it was planned
-            return "done", store.read_json(unit.marker_rel) or {}
-        extractor = extractor_for(unit)
-        leases.renew(rel, force=True)  # loading may have taken a while
-
-        def tick(n: int) -> None:
-            leases.renew(rel)
-            if progress is not None:
-                progress(n)
-        return "ran", run_unit(unit, extractor, store, progress=tick)
-    finally:
-        leases.release(rel)
-
-
-def poll_seconds(lease_seconds: float) -> float:
-    """How often a run re-checks units that another run holds."""
-    return min(5.0, max(0.05, lease_seconds / 20))
-
-
 def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: bool = True,
             log: Callable[[str], None] = print, *, owner: str | None = None,
             lease_seconds: float = LEASE_SECONDS) -> ScanStats:
-    """Run every pending unit in this process, loading each model@revision once.
-
-    Each unit runs under a lease (:mod:`dispersion.core.leases`), so scans of one root at
-    the same time split the units: a unit another live run holds is skipped, then waited
-    for (or run here once its lease expires) before this call returns."""
-    stats = ScanStats(planned=len(units))
-    pending = [u for u in units if not is_done(store, u, log=log)]
-    stats.skipped = len(units) - len(pending)
-    if not pending:
-        log(f"all {len(units)} work units already done")
-        return stats
-    t0 = time.perf_counter()
-    bar = Progress(sum(u.n_rows for u in pending), "extract", unit="segments", log=log, enabled=progress)
-    leases = Leases(store, owner=owner, seconds=lease_seconds)
-    loaded: dict[tuple[str, str], object] = {}  # the one model@revision held in memory
-
-    def extractor_for(unit: WorkUnit):
-        key = (unit.mr.model, unit.mr.revision)
-        if key not in loaded:
-            loaded.clear()
-            bar.note(f"{key[0]}@{key[1]}")
-            loaded[key] = load_extractor(unit.mr, config.extraction, unit.dtype)
-        return loaded[key]
-
-    queue = [u for group in group_by_model(pending).values() for u in group]
-    said: float | None = None
-    try:
-        while queue:
-            waiting: list[tuple[WorkUnit, dict]] = []
-            for unit in queue:
-                status, info = run_leased(unit, store, leases, extractor_for, progress=bar.update, log=log)
-                if status == "leased":
-                    waiting.append((unit, info))
-                elif status == "ran":
-                    stats.markers.append(info)
-                    stats.ran += 1
-                    stats.segments += unit.n_rows
-                else:
-                    stats.skipped += 1
-                    bar.update(unit.n_rows)
-            if waiting and (said is None or time.monotonic() - said > 60):
-                log(f"waiting for {len(waiting)} work unit(s) that another run is extracting "
-                    f"({waiting[0][0].describe()}: {describe(waiting[0][1])})")
-                said = time.monotonic()
-            queue = []
-            if waiting:
-                time.sleep(poll_seconds(lease_seconds))
-            for unit, _ in waiting:
-                if is_done(store, unit, log=log):
-                    stats.skipped += 1
-                    bar.update(unit.n_rows)
-                else:
-                    queue.append(unit)
-    finally:
-        leases.release_all()
-        loaded.clear()
-        bar.close()
-    stats.seconds = time.perf_counter() - t0
-    return stats
+    """Run every pending unit in this process (:func:`dispersion.measure.units.run_units`:
+    leased, resumable, each model@revision loaded once)."""
+    units = [u if u.extraction is not None else replace(u, extraction=config.extraction) for u in units]
+    done = run_units(units, store, what="extract", unit_name="segments", progress=progress, log=log, owner=owner,
+                     lease_seconds=lease_seconds)
+    return ScanStats(planned=done.planned, skipped=done.skipped, ran=done.ran, segments=done.rows,
+                     seconds=done.seconds, markers=done.markers)
 
 
 def write_manifest(config: ScanConfig, store: Store, units: list[WorkUnit], stats: ScanStats) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +73,10 @@ def save_checkpoint(model, optimizer, folder: Path, *, step: int, key: str, toke
     import torch
     from safetensors.torch import save_file
 
-    from dispersion.core.folders import clean_stale_tmp, tmp_sibling
+    from dispersion.core.folders import publishing
     from dispersion.measure.modeling import quiet_transformers
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(folder.parent)
-    tmp = tmp_sibling(folder)
-    tmp.mkdir()
-    try:
+    with publishing(folder) as tmp:  # a stale folder of the same step (e.g. without trainer state) is replaced
         with quiet_transformers():  # no "Writing model shards" bar per checkpoint
             if export is None:
                 model.save_pretrained(tmp)
@@ -103,14 +98,6 @@ def save_checkpoint(model, optimizer, folder: Path, *, step: int, key: str, toke
                     os.chmod(f, mode)
         state = {"format": TRAIN_FORMAT, "step": step, "key": key, "trainable": trainable}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        if folder.exists():  # a stale folder of the same step (e.g. without trainer state)
-            trash = folder.with_name(f".old-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.replace(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -195,12 +182,11 @@ class Mirror:
     def pull(self, step: int, out_dir: Path) -> Path:
         """Download stored checkpoint ``step`` into ``out_dir/step{N}`` and the metrics log beside
         it; both land together (renamed into place only once every file is here)."""
+        from dispersion.core.folders import publishing
+
         final = out_dir / f"step{step}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        metrics_tmp = tmp / f".{METRICS_FILE}"
-        try:
+        with publishing(final) as tmp:
+            metrics_tmp = tmp / f".{METRICS_FILE}"
             for rel in self.store.glob(self.rel(f"step{step}/*")):
                 name = rel.rsplit("/", 1)[-1]
                 if name.startswith("."):
@@ -212,12 +198,6 @@ class Mirror:
             if has_metrics:
                 self.store.download(self.rel(METRICS_FILE), str(metrics_tmp))
                 os.replace(metrics_tmp, out_dir / METRICS_FILE)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def sync_down(self, out_dir: Path, key: str | None = None) -> int | None:

@@ -51,7 +51,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -380,7 +379,7 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
              progress: bool = False) -> Path:
     """Fine-tune the base model of ``spec`` on its domain; returns ``{out_dir}/{method}/final``
     (a plain model folder, LoRA merged). See the module doc for the layout."""
-    from dispersion.core.folders import clean_stale_tmp, install_folder, read_marker, tmp_sibling
+    from dispersion.core.folders import publishing, read_marker
     from dispersion.measure.modeling import load_model, load_tokenizer, quiet_transformers, source_fingerprint
     from dispersion.training.train import train
 
@@ -410,15 +409,10 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
         result = train(model, train_tokens, tspec, out_dir=root, eval_tokens=eval_tokens, tokenizer=tok_src,
                        export=_save_merged if spec.method == "lora" else None, run_key=run_key, progress=progress)
         if spec.method == "lora":
-            adapter_tmp = tmp_sibling(root / ADAPTER)
-            model.save_pretrained(adapter_tmp)
-            shutil.rmtree(root / ADAPTER, ignore_errors=True)
-            os.replace(adapter_tmp, root / ADAPTER)
+            with publishing(root / ADAPTER) as adapter:
+                model.save_pretrained(adapter)
             model = model.merge_and_unload()
-        clean_stale_tmp(root)
-        tmp = tmp_sibling(final)
-        tmp.mkdir(parents=True)
-        try:
+        with publishing(final, key) as tmp:
             model.save_pretrained(tmp)
             if isinstance(tok_src, Path):
                 from dispersion.training.checkpoints import copy_tokenizer
@@ -443,11 +437,6 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             (tmp / "finetune.json").write_text(json.dumps(summary, indent=1) + "\n")
-            (tmp / SUCCESS).write_text(key + "\n")
-            install_folder(tmp, final, key)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 

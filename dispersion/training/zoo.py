@@ -47,7 +47,7 @@ import numpy as np
 
 from dispersion.core.config import ZooSpec
 from dispersion.core.errors import ConfigError, ModelError
-from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, read_marker, tmp_sibling
+from dispersion.core.folders import SUCCESS, cache_root, clean_stale_tmp, install_folder, publishing, read_marker
 from dispersion.core.ids import digest
 from dispersion.core.threads import set_torch_threads
 from dispersion.measure.modeling import quiet_transformers
@@ -214,16 +214,13 @@ def build_tokenizer(cache: str | os.PathLike, vocab_size: int) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN,
                                    pad_token=SPECIAL_TOKEN, unk_token=None, model_max_length=context,
                                    add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(final)
-    fast.save_pretrained(tmp)
-    # transformers 5 writes its own class name; the generic one also loads with transformers 4.
-    cfg_path = tmp / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text())
-    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
-    (tmp / SUCCESS).write_text(key + "\n")
-    install_folder(tmp, final, key)
+    with publishing(final, key) as tmp:
+        fast.save_pretrained(tmp)
+        # transformers 5 writes its own class name; the generic one also loads with transformers 4.
+        cfg_path = tmp / "tokenizer_config.json"
+        tcfg = json.loads(cfg_path.read_text())
+        tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
     log.info("zoo: tokenizer (vocab %d) trained in %.1f s", vocab_size, time.perf_counter() - t0)
     return final
 

@@ -1,0 +1,233 @@
+"""Units of measuring work, and the one runner that does them.
+
+A *unit* is the smallest piece of measuring work that publishes files: one shard of a scan's
+segments through one model@revision (:class:`dispersion.measure.scan.WorkUnit`), one kNN-LM
+datastore or evaluation shard (:class:`dispersion.measure.knnlm.KnnUnit`), one shard of a
+query set (:class:`dispersion.measure.queries.QueryUnit`). Every kind has
+
+* ``key``: the digest of every input that determines its files, recorded in its done marker;
+* ``marker_rel``: its done marker, written last, naming the files and their checksums;
+  :meth:`Unit.expect` lists the marker fields that must match for the unit to count as done;
+* ``model_key``: units that share it share one loaded model (:meth:`Unit.load`);
+* ``size``: its rows (segments, windows, queries), for progress;
+* :meth:`Unit.run`: compute with the loaded model and publish, data first, marker last.
+
+Its lease lives at :func:`dispersion.core.layout.lease_of` its marker. :func:`run_units` is the
+in-process runner and :func:`run_leased` the step every runner takes per unit (the Ray runner in
+``tasks/ray_units.py`` calls it in its actors): skip a unit whose marker checks out, take its
+lease, load its model unless the one held has the same ``model_key``, run it while renewing the
+lease, release the lease. A unit another live run holds is waited for, or run here once that
+lease expires. So a rerun resumes, a killed run loses at most its units in flight, and runs of
+one root at the same time compute each unit once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from dispersion.core import layout
+from dispersion.core.integrity import marker_done
+from dispersion.core.leases import LEASE_SECONDS, Leases, describe
+from dispersion.core.progress import Progress
+from dispersion.core.storage import Store
+
+Tick = Callable[[int], None]  # called with the rows just finished
+
+
+@runtime_checkable
+class Unit(Protocol):
+    """One piece of measuring work (see the module docstring)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def marker_rel(self) -> str: ...
+
+    @property
+    def model_key(self) -> Hashable: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def expect(self) -> dict: ...
+
+    def describe(self) -> str: ...
+
+    def load(self) -> Any: ...
+
+    def run(self, store: Store, loaded: Any, progress: Tick | None = None) -> dict: ...
+
+
+def lease_rel(unit: Unit) -> str:
+    return layout.lease_of(unit.marker_rel)
+
+
+def is_done(store: Store, unit: Unit, log: Callable[[str], None] = print) -> bool:
+    """Done: the marker holds ``unit.expect()`` and every file it names still matches its
+    checksum (:func:`dispersion.core.integrity.marker_done`: a damaged unit is logged in one
+    line and pending again)."""
+    return marker_done(store, unit.marker_rel, unit.expect(), unit.describe(), log)
+
+
+class Loaded:
+    """The one model a runner holds: loaded for a unit, kept while the next units share its
+    ``model_key``, dropped before the next one loads."""
+
+    def __init__(self, on_load: Callable[[Unit], None] | None = None) -> None:
+        self.key: Hashable = None
+        self.value: Any = None
+        self.on_load = on_load
+
+    def get(self, unit: Unit) -> Any:
+        if self.key != unit.model_key or self.value is None:
+            self.key, self.value = None, None  # free the old model before the new one loads
+            if self.on_load is not None:
+                self.on_load(unit)
+            self.value = unit.load()
+            self.key = unit.model_key
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+
+def run_leased(unit: Unit, store: Store, leases: Leases, loaded: Loaded, progress: Tick | None = None,
+               log: Callable[[str], None] = print) -> tuple[str, dict]:
+    """Run ``unit`` under its lease: ``("ran", marker)``; ``("done", marker)`` when it is
+    published already (another run, or a retry after a crash); ``("leased", lease)`` when
+    another live run holds it (try later). The lease is renewed while the unit runs and
+    released once it is published or failed."""
+    rel = lease_rel(unit)
+    holder = leases.claim(rel, note=unit.describe())
+    if holder is not None:
+        return "leased", holder
+    try:
+        if is_done(store, unit, log=log):
+            return "done", store.read_json(unit.marker_rel) or {}
+        model = loaded.get(unit)
+        leases.renew(rel, force=True)  # loading may have taken a while
+
+        def tick(n: int) -> None:
+            leases.renew(rel)
+            if progress is not None:
+                progress(n)
+        return "ran", unit.run(store, model, tick)
+    finally:
+        leases.release(rel)
+
+
+def by_model(units: Iterable[Unit]) -> dict[Hashable, list[Unit]]:
+    """Units grouped by ``model_key``, in first-seen order (one load per group)."""
+    groups: dict[Hashable, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(u.model_key, []).append(u)
+    return groups
+
+
+def balance(units: Sequence[Unit], n_workers: int) -> list[list[Unit]]:
+    """Split units into per-worker queues: each model's units (``model_key``) are cut into
+    contiguous chunks (one model load per chunk) in proportion to their rows, so that more
+    workers than models are all used, and chunks go longest-first to the least-loaded worker."""
+    groups = list(by_model(units).values())
+    total = sum(u.size for u in units) or 1
+    chunks: list[list[Unit]] = []
+    for group in groups:
+        rows = sum(u.size for u in group)
+        k = min(len(group), max(1, round(n_workers * rows / total)))
+        step = -(-len(group) // k)
+        chunks.extend(group[i:i + step] for i in range(0, len(group), step))
+    queues: list[list[Unit]] = [[] for _ in range(max(1, n_workers))]
+    load = [0] * len(queues)
+    for chunk in sorted(chunks, key=lambda c: -sum(u.size for u in c)):
+        w = load.index(min(load))
+        queues[w].extend(chunk)
+        load[w] += sum(u.size for u in chunk)
+    return [q for q in queues if q]
+
+
+def poll_seconds(lease_seconds: float) -> float:
+    """How often a run re-checks units that another run holds."""
+    return min(5.0, max(0.05, lease_seconds / 20))
+
+
+@dataclass
+class RunStats:
+    """What :func:`run_units` (or the Ray runner) did with its units."""
+
+    planned: int = 0
+    skipped: int = 0   # done already, or finished by another run meanwhile
+    ran: int = 0
+    rows: int = 0      # rows of the units that ran here
+    seconds: float = 0.0
+    markers: list[dict] = field(default_factory=list)  # of the units that ran here
+
+
+class Waiting:
+    """Units another run holds: logged at most once a minute."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.said: float | None = None
+
+    def say(self, held: Sequence[tuple[Unit, dict]]) -> None:
+        if held and (self.said is None or time.monotonic() - self.said > 60):
+            self.log(f"waiting for {len(held)} unit(s) that another run is computing "
+                     f"({held[0][0].describe()}: {describe(held[0][1])})")
+            self.said = time.monotonic()
+
+
+def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", unit_name: str = "segments",
+              progress: bool = True, log: Callable[[str], None] = print, owner: str | None = None,
+              lease_seconds: float = LEASE_SECONDS) -> RunStats:
+    """Run every pending unit in this process, each under its lease, loading each model once
+    per run of consecutive units that share it (units are grouped by ``model_key``).
+
+    Progress counts rows (``unit_name``) with N/M and an ETA; a unit another live run holds
+    is waited for (or run here once its lease expires) before this call returns."""
+    stats = RunStats(planned=len(units))
+    pending = [u for u in units if not is_done(store, u, log=log)]
+    stats.skipped = len(units) - len(pending)
+    if not pending:
+        if units:
+            log(f"all {len(units)} {what} units already done")
+        return stats
+    t0 = time.perf_counter()
+    bar = Progress(sum(u.size for u in pending), what, unit=unit_name, log=log, enabled=progress)
+    leases = Leases(store, owner=owner, seconds=lease_seconds)
+    loaded = Loaded(on_load=lambda u: bar.note(u.describe().split(" ")[0]))
+    waiting = Waiting(log)
+    queue: list[Unit] = [u for group in by_model(pending).values() for u in group]
+    try:
+        while queue:
+            held: list[tuple[Unit, dict]] = []
+            for unit in queue:
+                status, info = run_leased(unit, store, leases, loaded, progress=bar.update, log=log)
+                if status == "leased":
+                    held.append((unit, info))
+                elif status == "ran":
+                    stats.markers.append(info)
+                    stats.ran += 1
+                    stats.rows += unit.size
+                else:
+                    stats.skipped += 1
+                    bar.update(unit.size)
+            waiting.say(held)
+            queue = []
+            if held:
+                time.sleep(poll_seconds(lease_seconds))
+            for unit, _ in held:
+                if is_done(store, unit, log=log):
+                    stats.skipped += 1
+                    bar.update(unit.size)
+                else:
+                    queue.append(unit)
+    finally:
+        leases.release_all()
+        loaded.clear()
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats

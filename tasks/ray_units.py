@@ -1,0 +1,201 @@
+"""The Ray runner: units of measuring work (:mod:`dispersion.measure.units`) on Ray actors.
+
+One actor per GPU (``ray.num_gpus``) or per CPU slot (``ray.num_cpus``). Each actor gets a
+queue in which the units of one model are contiguous (:func:`dispersion.measure.units.balance`),
+so a model is loaded once per chunk; with more actors than models, large models are split.
+Every unit kind runs the same way: a scan's shard, a kNN-LM datastore or evaluation shard, a
+query-set shard. Actors restart when their process dies (``max_restarts``) and their pending
+calls are retried; a retried call first checks the unit's done marker, and outputs are
+published atomically, so a crash never duplicates or loses a row. Each unit runs under a lease
+of this run (:func:`dispersion.measure.units.run_leased`): a retry re-takes it at once, and
+another run of the same root waits for it instead of computing it again.
+
+Only units and small markers travel between driver and actors; the data stays in storage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+import ray
+
+from dispersion.core.config import RaySpec
+from dispersion.core.errors import DispersionError
+from dispersion.core.leases import LEASE_SECONDS, Leases, new_owner
+from dispersion.core.storage import Store
+from dispersion.core.threads import set_torch_threads
+from dispersion.measure.units import (
+    Loaded,
+    RunStats,
+    Unit,
+    Waiting,
+    balance,
+    is_done,
+    lease_rel,
+    poll_seconds,
+    run_leased,
+)
+
+
+class RayError(DispersionError):
+    """Ray cannot be reached or started."""
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A RayError unless something listens at ``address`` (``host:port`` or ``ray://host:port``)."""
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://"):
+        host, _, port = address[len("ray://"):].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        raise RayError(f"ray.address: cannot reach {address!r} ({err})") from None
+
+
+def connect(spec: RaySpec) -> bool:
+    """Join the configured cluster (``ray.address`` or ``RAY_ADDRESS``) or start a local Ray.
+
+    Returns True when this call started a private local instance (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        check_reachable(address)
+    if address:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise RayError(f"ray.address: cannot join {address!r}: {str(err).splitlines()[0]}") from None
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def torch_threads(num_cpus: float) -> int:
+    """The torch threads of a task or actor holding ``num_cpus`` CPUs: at least one (``0.5``
+    CPU runs one thread; ``OMP_NUM_THREADS=0`` would mean "every CPU" to the thread budget)."""
+    return max(1, int(num_cpus))
+
+
+def ray_options(spec: RaySpec, *, actor: bool) -> dict:
+    """The one set of Ray options of every actor and task of this package: resources, restarts
+    or retries, and the environment (``OMP_NUM_THREADS`` from ``num_cpus``)."""
+    env = {"OMP_NUM_THREADS": str(torch_threads(spec.num_cpus)), "TOKENIZERS_PARALLELISM": "false"}
+    retry = ({"max_restarts": spec.max_restarts, "max_task_retries": spec.max_restarts} if actor
+             else {"max_retries": spec.max_restarts})
+    return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, **retry, "runtime_env": {"env_vars": env}}
+
+
+@ray.remote
+class UnitActor:
+    """Holds one loaded model (kept while consecutive units share it); runs one unit per call."""
+
+    def __init__(self, root: str, owner: str, lease_seconds: float = LEASE_SECONDS):
+        self.store = Store(root)
+        self.leases = Leases(self.store, owner=owner, seconds=lease_seconds)
+        self.loaded = Loaded()
+        set_torch_threads()  # OMP_NUM_THREADS: this actor's num_cpus (runtime_env)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, unit: Unit) -> tuple[str, dict]:
+        """``("ran", marker)``, ``("done", marker)`` (a retry after a crash, or another run
+        finished it) or ``("leased", lease)`` (another live run is computing it)."""
+        if is_done(self.store, unit):
+            return "done", self.store.read_json(unit.marker_rel) or {}
+        return run_leased(unit, self.store, self.leases, self.loaded)
+
+
+def gather(refs: list, spec: RaySpec, what: str = "unit"):
+    """Yield ``(ref, result)`` as each Ray call finishes; a stall of ``spec.stall_timeout_s``
+    with nothing finishing is a RayError."""
+    remaining = list(refs)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=spec.stall_timeout_s)
+        if not done:
+            raise RayError(f"ray.stall_timeout_s: no {what} finished in {spec.stall_timeout_s:g} s; "
+                           f"{len(remaining)} of {len(refs)} still pending")
+        yield done[0], ray.get(done[0])
+
+
+def _slots(spec: RaySpec) -> int:
+    res = ray.cluster_resources()
+    slots = int(res.get("CPU", 1) // spec.num_cpus) if spec.num_cpus else 1
+    if spec.num_gpus:
+        slots = min(slots, int(res.get("GPU", 0) // spec.num_gpus))
+        if slots < 1:
+            raise RayError(f"ray.num_gpus: the cluster has {res.get('GPU', 0)} GPUs, an actor asks {spec.num_gpus}")
+    return max(1, slots)
+
+
+def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
+               progress: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
+               owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> RunStats:
+    """Run every pending unit on Ray actors (the Ray form of
+    :func:`dispersion.measure.units.run_units`); ``progress`` gets the marker of each unit that
+    ran, with ``elapsed``. A unit whose files no longer match its marker is logged and runs again.
+
+    Units run under leases owned by ``owner`` (one per call unless given: pass the same owner to
+    a retry of this run so that it re-takes its own leases at once). A unit leased by another
+    live run is waited for, or run here once that lease expires."""
+    store = Store(root)
+    stats = RunStats(planned=len(units))
+    pending = [u for u in units if not is_done(store, u, log=log)]
+    stats.skipped = len(units) - len(pending)
+    if not pending:
+        return stats
+    owner = owner or new_owner()
+    started = connect(spec)
+    queues = balance(pending, min(len(pending), spec.max_actors or _slots(spec)))
+    cls = UnitActor.options(**ray_options(spec, actor=True))  # type: ignore[attr-defined]
+    actors = [cls.remote(root, owner, lease_seconds) for _ in queues]
+    t0 = time.perf_counter()
+    waiting = Waiting(log)
+    finished = False
+    try:
+        while queues:
+            refs = {actor.run.remote(u): u for actor, queue in zip(actors, queues) for u in queue}
+            held: list[tuple[Unit, dict]] = []
+            for ref, (status, info) in gather(list(refs), spec):
+                unit = refs[ref]
+                if status == "ran":
+                    stats.ran += 1
+                    stats.rows += unit.size
+                    stats.markers.append(info)
+                    if progress is not None:
+                        progress({**info, "elapsed": time.perf_counter() - t0})
+                elif status == "leased":
+                    held.append((unit, info))
+                else:
+                    stats.skipped += 1
+            waiting.say(held)
+            if held:
+                time.sleep(poll_seconds(lease_seconds))
+            left = []
+            for u, _ in held:
+                if is_done(store, u, log=log):
+                    stats.skipped += 1
+                else:
+                    left.append(u)
+            queues = balance(left, len(actors)) if left else []
+        finished = True
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if not finished:  # free this run's leases of the units its killed actors held
+            leases = Leases(store, owner=owner)
+            for u in pending:
+                try:
+                    leases.release(lease_rel(u))
+                except Exception:  # noqa: BLE001 - best effort: they expire anyway
+                    break
+        if started:
+            ray.shutdown()
+    stats.seconds = time.perf_counter() - t0
+    return stats
