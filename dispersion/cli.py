@@ -211,7 +211,9 @@ def hardness(samples: Annotated[Optional[list[str]], typer.Option(
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     set_torch_threads(log=typer.echo)
     ensure_zoo(cfg)
-    run_steps(STEPS, StepContext(cfg, store, [], {}, log=typer.echo), only=["hardness"])
+    from dispersion.measure.units import run_units
+
+    run_steps(STEPS, StepContext(cfg, store, [], {}, log=typer.echo, runner=run_units), only=["hardness"])
     catalog = build_catalog(store)
     typer.echo(f"report section: {store.path(section_path(cfg.name, 'hardness'))}\ncatalog: {catalog}")
 

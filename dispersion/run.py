@@ -26,6 +26,7 @@ from dispersion.core.layout import result_path
 from dispersion.core.storage import Store
 from dispersion.core.threads import set_torch_threads
 from dispersion.measure.scan import ScanStats, WorkUnit, execute, plan, write_manifest
+from dispersion.measure.units import run_units
 from dispersion.report.markdown import publish_report
 from dispersion.training.zoo import build_zoo
 
@@ -52,7 +53,7 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     for name, table in tables.items():
         store.write_table(result_path(name, config.name), table)
     run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log, planned=dict(planned or {}),
-                                 progress=progress), only=only)
+                                 progress=progress, runner=run_units), only=only)
     sections = report_sections(STEPS, store, config.name)
     layer = str(a.layer)
     report = publish_report(store, config.name, tables["bins"], tables["correlations"],

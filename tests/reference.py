@@ -4,7 +4,7 @@ Each function computes one quantity straight from its definition: every pair is 
 explicitly (a full matrix of pair distances, or a loop over the pairs), nothing is cancelled
 algebraically, nothing is chunked, and the arithmetic is float64 numpy. The library computes the
 same quantities in O(N d) or in chunks (``dispersion.measure.metrics``,
-``dispersion.analyses.gap``, ``dispersion.training.losses``); the tests compare the two.
+``dispersion.measure.gap``, ``dispersion.training.losses``); the tests compare the two.
 
 Tests import it as ``from reference import ...`` (pytest puts ``tests/`` on ``sys.path``);
 the bench scripts add ``tests/`` to ``sys.path`` first.

@@ -190,7 +190,7 @@ def test_steps_with_missing_inputs_fail_in_one_line(micro_zoo, tmp_path, analyse
 
 def test_gap_step_reads_each_checkpoint_and_feeds_the_trajectory(analysed):
     cfg, store, _ = analysed
-    from dispersion.analyses.gap import read_output_embeddings
+    from dispersion.measure.modeling import read_output_embeddings
     from dispersion.measure.scan import model_revisions
 
     gap = _read(store, "gap")

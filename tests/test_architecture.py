@@ -184,3 +184,26 @@ def test_ray_options_come_from_one_function():
         if re.search(r"runtime_env\s*=|[\"']runtime_env[\"']", text) and mod != "tasks.ray_units":
             bad.append(f"{path.relative_to(ROOT)}: runtime_env outside tasks/ray_units.py")
     assert not bad, "\n".join(bad)
+
+
+# what loads a model or runs a forward pass: an analysis step declares units (Step.plan) instead
+MODEL_WORK = {"load_model", "load_extractor", "read_output_embeddings", "Extractor", "forward_windows", "answer_cloze",
+              "measure_texts", "cluster_states", "run_clusters", "condensation_histograms", "condensation_maps",
+              "condensation_table", "gap_of_source", "measure_gap", "run_unit", "run_units", "run_leased",
+              "AutoModel", "AutoModelForCausalLM"}
+
+
+def test_analysis_steps_load_no_model():
+    """No module under dispersion/analyses/ imports what loads a model or runs a forward pass:
+    the runner computes a step's units before the step reads their shards."""
+    bad = []
+    for mod, path in MODULES.items():
+        if not mod.startswith("dispersion.analyses"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {a.name}" for a in node.names
+                        if a.name.rsplit(".", 1)[-1] in MODEL_WORK]
+            elif isinstance(node, ast.Attribute) and node.attr in MODEL_WORK:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: uses .{node.attr}")
+    assert not bad, "\n".join(bad)

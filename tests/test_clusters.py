@@ -8,9 +8,10 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from dispersion.analyses import clusters as cl
-from dispersion.analyses.clusters import (CLUSTERS_SCHEMA, EMBEDDED_DEFAULTS, ClusterSpec, cluster_dispersion_table,
-                                 cluster_states, find_ngram_clusters, plot_clusters, run_clusters, zoo_token_docs)
+from dispersion.analyses.clusters import plot_clusters, zoo_token_docs
+from dispersion.measure import clusters as cl
+from dispersion.measure.clusters import (CLUSTERS_SCHEMA, EMBEDDED_DEFAULTS, ClusterSpec, cluster_dispersion_table,
+                                         cluster_states, find_ngram_clusters, run_clusters)
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.measure.metrics import cluster_dispersion
 

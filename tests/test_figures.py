@@ -12,10 +12,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from dispersion.analyses.bins import BIN_SCHEMA
-from dispersion.analyses.clusters import CLUSTERS_SCHEMA, figure_clusters, plot_clusters
+from dispersion.analyses.clusters import figure_clusters, plot_clusters
+from dispersion.measure.clusters import CLUSTERS_SCHEMA
 from dispersion.analyses.context import CONTEXT_BIN_SCHEMA, plot_context
 from dispersion.analyses.domains import plot_domains
-from dispersion.analyses.gap import GAP_SCHEMA, figure_gap, plot_gap
+from dispersion.analyses.gap import figure_gap, plot_gap
 from dispersion.analyses.heldout import plot_heldout
 from dispersion.analyses.layers import layer_table, plot_layers
 from dispersion.analyses.registry import Section, publish_section
@@ -25,6 +26,7 @@ from dispersion.core.layout import figure_path
 from dispersion.core.storage import Store
 from dispersion.measure.binning import correlations
 from dispersion.measure.condensation import CondensationMap
+from dispersion.measure.gap import GAP_SCHEMA
 from dispersion.report import figures as F
 from dispersion.report.condensation import plot_condensation
 from dispersion.report.markdown import plot_bins, publish_report

@@ -14,8 +14,11 @@ import reference as naive
 import torch
 from scipy.stats import spearmanr
 
-from dispersion.analyses import gap as gapmod
-from dispersion.analyses.gap import (
+from dispersion.analyses.gap import plot_gap, rank_models, read_scores, spearman_vs_scores
+from dispersion.core.errors import DataError, ModelError
+from dispersion.measure import gap as gapmod
+from dispersion.measure import modeling
+from dispersion.measure.gap import (
     DIGITS,
     EVERYDAY,
     GAP_SCHEMA,
@@ -26,14 +29,8 @@ from dispersion.analyses.gap import (
     gap_stats,
     map_token_set,
     measure_gap,
-    plot_gap,
-    rank_models,
-    read_output_embeddings,
-    read_scores,
-    spearman_vs_scores,
 )
-from dispersion.core.errors import DataError, ModelError
-from dispersion.measure.modeling import resolve_source
+from dispersion.measure.modeling import read_output_embeddings, resolve_source
 from dispersion.training.zoo import zoo_model_dir
 
 slow = pytest.mark.slow  # uses the micro zoo
@@ -205,7 +202,7 @@ def test_safetensors_read_equals_the_model_head(tiny_models, arch, tie):
 def test_fallback_loads_the_model(tiny_models, monkeypatch):
     model, single, _ = tiny_models[("llama", False)]
     src = resolve_source(str(single), "main")
-    monkeypatch.setattr(gapmod, "_weight_map", lambda source: None)  # files that name no known tensor
+    monkeypatch.setattr(modeling, "_weight_map", lambda source: None)  # files that name no known tensor
     emb = read_output_embeddings(src)
     assert emb.via == "model" and emb.tensor is None and emb.tied is False
     assert torch.equal(emb.weight, model.get_output_embeddings().weight.detach())

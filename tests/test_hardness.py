@@ -330,6 +330,7 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
     from dispersion.analyses.registry import run_steps
     from dispersion.config import parse_config
     from dispersion.core.catalog import build_catalog, query
+    from dispersion.measure.units import run_units
     from dispersion.core.storage import Store
 
     table = tmp_path / "answers.csv"
@@ -346,7 +347,7 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
         "scopes": ["across", "within"], "regressors": ["linear", "poly2", "isotonic"]}}))  # forest: above
     store = Store(str(tmp_path / "root"))
     lines: list[str] = []
-    run_steps(STEPS, StepContext(cfg, store, [], {}, log=lines.append), only=["hardness"])
+    run_steps(STEPS, StepContext(cfg, store, [], {}, log=lines.append, runner=run_units), only=["hardness"])
     for name in STEPS["hardness"].tables:
         assert store.exists(f"results/{name}/t.parquet"), name
     assert store.exists("results/report/t/hardness.png")
@@ -372,7 +373,7 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
         ("cloze-prose", "cloze-code"), ("cloze-code", "cloze-prose")}
     # a rerun reads the stored shards: no model runs again
     again: list[str] = []
-    run_steps(STEPS, StepContext(cfg, store, [], {}, log=again.append), only=["hardness"])
+    run_steps(STEPS, StepContext(cfg, store, [], {}, log=again.append, runner=run_units), only=["hardness"])
     assert not any("measured" in line for line in again) and any("measured" in line for line in lines)
     assert pq.read_table(store.path("results/hardness_slices/t.parquet")).to_pylist() == read["hardness_slices"]
     build_catalog(store)
@@ -387,7 +388,7 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
         fh.write(b"x")
     assert [d.path for d in verify_root(store, log=lambda m: None).damaged] == [shard]
     third: list[str] = []
-    run_steps(STEPS, StepContext(cfg, store, [], {}, log=third.append), only=["hardness"])
+    run_steps(STEPS, StepContext(cfg, store, [], {}, log=third.append, runner=run_units), only=["hardness"])
     measured = [line.split(" in ")[0] for line in third if "measured" in line]
     assert len(measured) == 1 and re.fullmatch(r"analysis hardness: measured 1 of \d+ units \(25 queries\)",
                                                measured[0]), third
@@ -405,3 +406,7 @@ def test_step_end_to_end_on_the_micro_zoo(micro_zoo, tmp_path):
     stats = run_on_ray(planned["hardness"].units, str(tmp_path / "root"), cfg.ray, log=lambda m: None)
     assert stats.ran == 1 and stats.skipped == len(planned["hardness"].units) - 1  # only the shard whose marker is gone
     assert {m: store.read_json(m)["checksums"] for m in store.glob(QUERY_MARKERS)} == before
+    # without a runner the step refuses a plan whose shards are not all published
+    store.remove(gone)
+    with pytest.raises(DataError, match=r"analysis hardness: 1 of \d+ units are not measured \(first: llama-small"):
+        run_steps(STEPS, StepContext(cfg, store, [], {}, log=lambda m: None), only=["hardness"])

@@ -12,13 +12,10 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import field_validator
 
-from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.analyses.registry import Planned, Section, Step, StepContext
 from dispersion.core.errors import ConfigError
-from dispersion.measure.condensation import (
-    CondensationSpec,
-    condensation_histograms,
-    depth_table,
-)
+from dispersion.measure.condensation import CondensationSpec, depth_table, maps_from_table, measure_map
+from dispersion.measure.units import TableUnit
 from dispersion.report.condensation import plot_condensation
 from dispersion.report.markdown import md_table
 
@@ -48,19 +45,17 @@ class CondensationOptions(CondensationSpec):
 
 # -- the step ------------------------------------------------------
 
-def run(ctx: StepContext) -> Section:
-    """Condensation maps (papers 002/003) of each model's untrained and trained checkpoint
-    (``analysis.compare_revisions``, default first and last), on the scan's own segments of
-    the first dataset: the zoo's sizes side by side."""
+def plan_step(ctx: StepContext) -> Planned:
+    """One map per model and compared revision (``analysis.compare_revisions``, default first
+    and last) on the scan's own segments of the first dataset, and per ``zoo_models`` revision
+    on a scanned zoo model's segments (same tokenizer): :class:`TableUnit` of
+    :func:`dispersion.measure.condensation.measure_map`."""
     import numpy as np
 
     from dispersion.analyses.layers import compared_revisions
-    from dispersion.measure.modeling import (
-        load_model,
-        resolve_device,
-        resolve_dtype,
-        resolve_source,
-    )
+    from dispersion.core.ids import digest
+    from dispersion.measure.modeling import resolve_device, resolve_dtype, resolve_source, source_fingerprint
+    from dispersion.measure.scan import ModelRevision
 
     cfg = ctx.config
     spec = ctx.options("condensation")
@@ -81,15 +76,17 @@ def run(ctx: StepContext) -> Section:
                 break
         return seqs
 
-    maps = []
+    def map_unit(mr, seqs: list, segments: str, dtype: str) -> TableUnit:
+        return TableUnit("condensation", mr, (seqs, spec, mr.model, mr.revision, ds),
+                         digest([spec.model_dump(mode="json"), segments, ds]), measure_map,
+                         dtype=resolve_dtype(dtype, device), device=cfg.extraction.device)
+
+    units = []
     for model, rs in revs.items():
         for rev in compared_revisions(rs, cfg.analysis.compare_revisions):
             unit = next(u for u in ctx.units if u.mr.model == model and u.mr.revision == rev
                         and u.segments.dataset == ds)
-            m = load_model(unit.mr.source, dtype=resolve_dtype(unit.mr.dtype, device), device=device,
-                           field=unit.mr.field)
-            maps.append(condensation_histograms(m, sequences(unit), spec, name=model, revision=rev, label=ds))
-            del m
+            units.append(map_unit(unit.mr, sequences(unit), unit.segments.sample, unit.mr.dtype))
     if spec.zoo_models:  # more zoo sizes, on the segments of a scanned zoo model (same tokenizer)
         from dispersion.measure.zoo_cache import zoo_revisions
         from dispersion.training.zoo import build_zoo, zoo_model_dir
@@ -104,10 +101,17 @@ def run(ctx: StepContext) -> Section:
         for name in spec.zoo_models:
             for rev in compared_revisions(zoo_revisions(cfg.zoo.cache, name), cfg.analysis.compare_revisions):
                 src = resolve_source(str(zoo_model_dir(cfg.zoo.cache, name)), rev)
-                m = load_model(src, dtype=resolve_dtype(unit.mr.dtype, device), device=device)
-                maps.append(condensation_histograms(m, seqs, spec, name=name, revision=rev, label=ds))
-                del m
-    table = pa.concat_tables([m.to_table() for m in maps])
+                mr = ModelRevision(name, rev, src, unit.mr.dtype, "analysis.condensation.zoo_models",
+                                   source_fingerprint(src))
+                units.append(map_unit(mr, seqs, unit.segments.sample, unit.mr.dtype))
+    return Planned(units=units)
+
+
+def run(ctx: StepContext) -> Section:
+    """Condensation maps (papers 002/003) from the published maps of :func:`plan_step`: the
+    zoo's sizes side by side, their depth correlation and the heatmap."""
+    table = pa.concat_tables([u.read(ctx.store) for u in ctx.planned["condensation"].units])
+    maps = maps_from_table(table)
     depth = depth_table(maps)
     return STEP.section(tables={"condensation": table, "condensation_depth": depth},
                    figures={"condensation": plot_condensation(maps)},
@@ -116,4 +120,4 @@ def run(ctx: StepContext) -> Section:
 
 STEP = Step(name="condensation", title="Embedding condensation maps", paper="002/003 (condensation)",
             tables=("condensation", "condensation_depth"), run=run, options=CondensationOptions,
-            default=CondensationOptions,)
+            default=CondensationOptions, plan=plan_step, unit_name="maps")

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from dispersion.core.config import LayerRef, Pool, ScanConfig, Site, Strict
-from dispersion.core.errors import ConfigError
+from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.layout import figure_path, result_path, section_path
 from dispersion.core.storage import Store
 from dispersion.report.figures import figure_files
@@ -81,6 +81,8 @@ class StepContext:
     log: Callable[[str], None] = print
     planned: dict[str, Planned] = field(default_factory=dict)  # steps' plans, their units published
     progress: bool = False           # progress lines while a step's units are measured in process
+    runner: Callable[..., Any] | None = None  # computes pending units (dispersion.measure.units.run_units);
+    #                                   None: a step's units must be published already
 
     @property
     def scan(self) -> ScanConfig:
@@ -196,14 +198,20 @@ def plan_steps(registry: Mapping[str, Step], ctx: StepContext, only: list[str] |
 
 
 def measure_step(step: Step, ctx: StepContext) -> None:
-    """Compute the step's units not yet published, in process, under leases
-    (:func:`dispersion.measure.units.run_units`); the flows run them on Ray first, so there
-    this finds every unit done."""
-    from dispersion.measure.units import run_units
+    """Compute the step's units not yet published with ``ctx.runner`` (the in-process runner,
+    :func:`dispersion.measure.units.run_units`: leased, resumable); the flows run them on Ray
+    first, so there it finds every unit done. Without a runner every unit must be published."""
+    from dispersion.measure.units import is_done
 
     planned = ctx.planned[step.name]
-    done = run_units(planned.units, ctx.store, what=step.name, unit_name=step.unit_name, progress=ctx.progress,
-                     log=ctx.log)
+    if ctx.runner is None:
+        pending = [u for u in planned.units if not is_done(ctx.store, u, log=ctx.log)]
+        if pending:
+            raise DataError(f"analysis {step.name}: {len(pending)} of {len(planned.units)} units are not measured "
+                            f"(first: {pending[0].describe()}); run `dispersion scan` on this root")
+        return
+    done = ctx.runner(planned.units, ctx.store, what=step.name, unit_name=step.unit_name, progress=ctx.progress,
+                      log=ctx.log)
     if done.ran:
         ctx.log(f"analysis {step.name}: measured {done.ran} of {done.planned} units ({done.rows} {step.unit_name}) "
                 f"in {done.seconds:.1f} s")

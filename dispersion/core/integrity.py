@@ -137,11 +137,11 @@ class RootCheck:
 
 def verify_root(store: Store, repair: bool = False, log: Callable[[str], None] = print) -> RootCheck:
     """Check every file of every done marker under the root (samples, work units, query-set
-    shards, kNN-LM shards and trained indexes), logging one line per damaged file; with
+    shards, kNN-LM shards and trained indexes, analysis steps' measured tables), logging one line per damaged file; with
     ``repair`` remove the markers naming one, so the next scan redoes their work."""
     result = RootCheck()
     patterns = (layout.SEGMENTS_MARKERS, layout.UNIT_MARKERS, layout.QUERY_MARKERS, layout.KNN_MARKERS,
-                layout.KNN_INDEX_MARKERS)
+                layout.KNN_INDEX_MARKERS, layout.MEASURED_MARKERS)
     for marker_rel in [rel for pattern in patterns for rel in store.glob(pattern)]:
         result.markers += 1
         try:

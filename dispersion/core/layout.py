@@ -23,6 +23,9 @@
         store: values (window, pos, value), keys/layer={l}/site={s} (key); eval: windows, tokens,
         queries/layer={l}/site={s}; index/layer={l}/site={s}.faiss (trained IVF indexes)
     {root}/_done/knnlm/model={m}/.../spec={spec}/shard-{k:05d}.json           (kNN-LM shard marker)
+    {root}/measured/step={a}/model={m}/revision={r}/spec={spec}/shard-00000.parquet
+        one model@revision's measurement for analysis step {a} (condensation, clusters, gap)
+    {root}/_done/measured/step={a}/.../spec={spec}.json                       (its marker)
     {root}/catalog.duckdb                                                     (views, see VIEWS)
 
 ``sample={sk}`` keeps features of different samples of one dataset (seed, N, L, shard
@@ -159,6 +162,28 @@ def knn_index_marker(part: str, layer: str, site: str) -> str:
 
 KNN_MARKERS = f"_done/knnlm/{'/'.join('*' for _ in KNN_KEYS)}/shard-*.json"  # every kNN-LM shard marker
 KNN_INDEX_MARKERS = f"_done/knnlm/{'/'.join('*' for _ in KNN_KEYS)}/index/*/*.json"  # every trained-index marker
+
+
+# -- one table per model@revision measured for an analysis step (dispersion.measure.units.TableUnit) --
+
+MEASURED_KEYS = ("step", "model", "revision", "spec")
+
+
+def measured_partition(step: str, model: str, revision: str, spec: str) -> str:
+    """One model@revision's measurement for an analysis step (a condensation map, n-gram cluster
+    states, an output-embedding gap); ``spec`` keys what it was measured with."""
+    return partition(step=step, model=model, revision=revision, spec=spec)
+
+
+def measured_table(part: str) -> str:
+    return f"measured/{part}/{shard_name(0)}"
+
+
+def measured_marker(part: str) -> str:
+    return f"_done/measured/{part}.json"
+
+
+MEASURED_MARKERS = f"_done/measured/{'/'.join('*' for _ in MEASURED_KEYS)}.json"  # every measured-table marker
 
 
 def manifest_path(run_id: str) -> str:

@@ -403,6 +403,14 @@ def condensation_histograms(model, sequences: Sequence[np.ndarray], spec: Conden
 # --------------------------------------------------------------------------- #
 # depth correlation
 # --------------------------------------------------------------------------- #
+def measure_map(model, inputs: tuple) -> pa.Table:
+    """The rows of one map (:data:`CONDENSATION_SCHEMA`): the measurement of a
+    :class:`dispersion.measure.units.TableUnit` of the ``condensation`` step, ``inputs`` =
+    ``(sequences, spec, name, revision, label)``."""
+    sequences, spec, name, revision, label = inputs
+    return condensation_histograms(model, sequences, spec, name=name, revision=revision, label=label).to_table()
+
+
 def depth_correlation(cmap: CondensationMap) -> dict[str, float]:
     """Spearman's rho and Kendall's tau (scipy, with p-values) of the layer mean similarity
     against depth, over the map's layers. NaN when the means are constant; needs 3 layers."""

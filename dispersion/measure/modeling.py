@@ -8,14 +8,20 @@ Resolution of (``id``, ``revision``):
   zoo writes), and a missing sub-folder is an error listing the ones present;
 * otherwise ``id`` is a hub model id and ``revision`` a branch, tag or commit
   (``stepN`` for OLMo's intermediate checkpoints), passed to ``from_pretrained``.
+
+:func:`read_output_embeddings` reads one tensor (the output embedding) from a model's
+safetensors files, local or on the hub, without loading the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dispersion.core.errors import ModelError
 from dispersion.core.ids import digest
@@ -240,3 +246,132 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- one tensor: the output embedding
+@dataclass(frozen=True)
+class OutputEmbedding:
+    """The output projection rows (vocab x d) of a model, as stored (dtype kept).
+
+    ``tied``: the model ties its output projection to the input embedding (then ``weight``
+    is that embedding). ``tensor``: the name read from the safetensors files, or ``None``
+    when the model had to be loaded. ``via``: ``"safetensors"`` or ``"model"``.
+    """
+
+    weight: Any  # torch.Tensor
+    tied: bool
+    tensor: str | None
+    via: str
+
+
+# names of the output projection / input embedding in common checkpoints (matched as suffixes)
+_OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight", "ff_out.weight", "output.weight")
+_INPUT_NAMES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight",
+                "tok_embeddings.weight", "wte.embedding.weight")
+
+
+def _fetch(source: ModelSource, filename: str) -> Path | None:
+    """Local path of one file of the model (downloaded to the hub cache if needed), or None."""
+    if source.local:
+        p = Path(source.location) / filename
+        return p if p.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source.location, filename, revision=source.revision))
+    except Exception:  # missing entry, offline without cache, gated
+        return None
+
+
+def _raw_config(source: ModelSource) -> dict:
+    p = _fetch(source, "config.json")
+    if p is None:
+        raise ModelError(f"id: {source.describe()!r} has no readable config.json")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"id: config.json of {source.describe()!r} is not valid JSON: {err}") from None
+
+
+def _config_tied(source: ModelSource) -> bool:
+    """Whether the model ties lm_head to the input embedding (config class defaults apply)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(source.location, revision=source.revision,
+                                         trust_remote_code=source.trust_remote_code)
+        if hasattr(cfg, "weight_tying"):  # OLMo 1 (hf_olmo) configs
+            return bool(cfg.weight_tying)
+        value = getattr(cfg, "tie_word_embeddings", None)
+        if value is None:
+            value = getattr(text_config(cfg), "tie_word_embeddings", True)
+        return bool(value)
+    except (OSError, ValueError, KeyError):  # unknown architecture: the raw file
+        raw = _raw_config(source)
+        text = raw.get("text_config") or {}
+        for key in ("weight_tying", "tie_word_embeddings"):
+            for d in (raw, text):
+                if key in d:
+                    return bool(d[key])
+        return True  # transformers' PretrainedConfig default
+
+
+def _weight_map(source: ModelSource) -> dict[str, str] | None:
+    """tensor name -> safetensors file name, from the index or the single file; None if neither."""
+    index = _fetch(source, "model.safetensors.index.json")
+    if index is not None:
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError):
+            return None
+    single = _fetch(source, "model.safetensors")
+    if single is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def _pick(names: Iterable[str], suffixes: Sequence[str]) -> str | None:
+    names = list(names)
+    for suffix in suffixes:
+        hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+        if hits:
+            return min(hits, key=lambda n: (n.count("."), n))
+    return None
+
+
+def read_output_embeddings(source: ModelSource, *, allow_load: bool = True) -> OutputEmbedding:
+    """The output embedding matrix of a model, reading one tensor from its safetensors files.
+
+    The tensor is ``lm_head.weight`` (or ``embed_out`` / ``ff_out`` / ``output``), or the input
+    embedding (``embed_tokens`` / ``wte`` / ...) when the config ties them. Works on a single
+    ``model.safetensors`` or a sharded index (only the shard holding the tensor is opened or,
+    for a hub id, downloaded), so a 7B model is never loaded whole. Falls back to loading the
+    model (float32) and taking ``get_output_embeddings().weight`` when the files do not
+    name the tensor (``allow_load=False``: a :class:`ModelError` instead).
+    """
+    tied = _config_tied(source)
+    wmap = _weight_map(source)
+    name = None
+    if wmap is not None:
+        name = _pick(wmap, _INPUT_NAMES if tied else _OUTPUT_NAMES)
+    if name is not None and wmap is not None:  # name is only set from wmap
+        path = _fetch(source, wmap[name])
+        if path is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                weight = f.get_tensor(name)
+            if weight.ndim == 2:
+                return OutputEmbedding(weight, tied, name, "safetensors")
+    if not allow_load:
+        raise ModelError(f"id: no output embedding tensor found in the safetensors files of {source.describe()!r}")
+    model = load_model(source, dtype="float32")
+    out = model.get_output_embeddings()
+    if out is None:
+        raise ModelError(f"id: {source.describe()!r} has no output embedding (not a causal LM head)")
+    inp = model.get_input_embeddings()
+    really_tied = inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+    return OutputEmbedding(out.weight.detach(), really_tied, None, "model")

@@ -12,6 +12,9 @@ query set (:class:`dispersion.measure.queries.QueryUnit`). Every kind has
 * ``size``: its rows (segments, windows, queries), for progress;
 * :meth:`Unit.run`: compute with the loaded model and publish, data first, marker last.
 
+An analysis step whose measurement is one small table per model@revision (a condensation map,
+the states of n-gram clusters, an output-embedding gap) uses :class:`TableUnit`.
+
 Its lease lives at :func:`dispersion.core.layout.lease_of` its marker. :func:`run_units` is the
 in-process runner and :func:`run_leased` the step every runner takes per unit (the Ray runner in
 ``tasks/ray_units.py`` calls it in its actors): skip a unit whose marker checks out, take its
@@ -28,8 +31,12 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import pyarrow as pa
+
 from dispersion.core import layout
-from dispersion.core.integrity import marker_done
+from dispersion.core.errors import DataError
+from dispersion.core.ids import digest
+from dispersion.core.integrity import CHECKSUMS, marker_done
 from dispersion.core.leases import LEASE_SECONDS, Leases, describe
 from dispersion.core.progress import Progress
 from dispersion.core.storage import Store
@@ -60,6 +67,91 @@ class Unit(Protocol):
     def load(self) -> Any: ...
 
     def run(self, store: Store, loaded: Any, progress: Tick | None = None) -> dict: ...
+
+
+def model_of(unit: Any) -> Any:
+    """Load ``unit.mr``'s model in ``unit.dtype`` on ``unit.device`` (``auto``: CUDA when present)."""
+    from dispersion.measure.modeling import load_model, resolve_device
+
+    return load_model(unit.mr.source, dtype=unit.dtype, device=resolve_device(unit.device), field=unit.mr.field)
+
+
+def source_of(unit: Any) -> Any:
+    """No model: the measurement reads ``unit.mr.source``'s files itself (e.g. one tensor)."""
+    return unit.mr.source
+
+
+@dataclass(frozen=True, eq=False)
+class TableUnit:
+    """One table measured with one model@revision for analysis step ``step``, published as
+    ``measured/step=.../model=.../revision=.../spec=.../shard-00000.parquet``.
+
+    ``measure(loaded, inputs) -> pa.Table`` and ``load(unit) -> loaded`` (:func:`model_of`,
+    :func:`source_of`) are module-level functions, so a Ray actor receives them by name;
+    ``inputs`` is everything else the measurement reads and ``inputs_key`` the digest of what
+    in it changes the numbers (with the weights' fingerprint and the dtype it is the key)."""
+
+    step: str
+    mr: Any                  # dispersion.measure.scan.ModelRevision
+    inputs: Any
+    inputs_key: str
+    measure: Callable[[Any, Any], pa.Table]
+    load_with: Callable[[Any], Any] = model_of
+    dtype: str = "float32"
+    device: str = "auto"
+
+    @property
+    def key(self) -> str:
+        mr = self.mr
+        return digest([self.step, mr.model, mr.revision, mr.source.location, mr.source.revision, mr.fingerprint,
+                       self.inputs_key, self.dtype], chars=20)
+
+    @property
+    def partition(self) -> str:
+        return layout.measured_partition(self.step, self.mr.model, self.mr.revision, self.key[:12])
+
+    @property
+    def rel(self) -> str:
+        return layout.measured_table(self.partition)
+
+    @property
+    def marker_rel(self) -> str:
+        return layout.measured_marker(self.partition)
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    @property
+    def model_key(self) -> tuple[str, str, str, str, str]:
+        return (self.load_with.__name__, self.mr.model, self.mr.revision, self.dtype, self.device)
+
+    def expect(self) -> dict:
+        return {"key": self.key}
+
+    def describe(self) -> str:
+        return f"{self.mr.model}@{self.mr.revision} {self.step}"
+
+    def load(self) -> Any:
+        return self.load_with(self)
+
+    def run(self, store: Store, loaded: Any, progress: Tick | None = None) -> dict:
+        t0 = time.perf_counter()
+        table = self.measure(loaded, self.inputs)
+        sums = {self.rel: store.write_table(self.rel, table)}
+        marker = {"key": self.key, "rows": table.num_rows, "files": [self.rel], CHECKSUMS: sums,
+                  "unit": self.describe(), "seconds": round(time.perf_counter() - t0, 3)}
+        store.write_json(self.marker_rel, marker)
+        if progress is not None:
+            progress(1)
+        return marker
+
+    def read(self, store: Store) -> pa.Table:
+        """The published table, checked against the checksum its marker recorded."""
+        marker = store.read_json(self.marker_rel) or {}
+        if marker.get("key") != self.key:
+            raise DataError(f"{self.marker_rel}: {self.describe()} is not measured; run `dispersion scan` first")
+        return store.read_shard(self.rel, (marker.get(CHECKSUMS) or {}).get(self.rel))
 
 
 def lease_rel(unit: Unit) -> str:
