@@ -8,16 +8,6 @@ reports (tables, figures, catalog views).
 
 from __future__ import annotations
 
-from prefect import flow
+from flows.scan_models import step_flow
 
-from flows.scan_models import run_pipeline
-from tasks.steps import load_config_task
-
-
-@flow(name="knnlm", log_prints=True)
-def knnlm(config: str = "configs/knnlm.yaml", root: str | None = None, trust_remote_code: bool = False,
-          overrides: list[str] | None = None) -> dict:
-    """Scan ``config`` and run its analysis steps (which must include ``knnlm``) into ``root``
-    (default: the config's root), every kNN-LM shard computed on Ray. ``overrides``:
-    ``key.path=value`` changes to the config, as ``-o`` on the command line."""
-    return run_pipeline(load_config_task(config, overrides=overrides), root, trust_remote_code, needs="knnlm")[0]
+knnlm = step_flow("knnlm", "configs/knnlm.yaml", __doc__ or "")

@@ -35,6 +35,22 @@ def run_pipeline(cfg: RunConfig, root: str | None, trust_remote_code: bool = Fal
     return {**result, "features": len(paths), **({"step_units": measured} if measured else {})}, units
 
 
+def step_flow(step: str, default_config: str, description: str):
+    """The flow of one measuring analysis step (``knnlm``, ``hardness``): the scan-models body
+    for a config whose analysis steps must include ``step``; its units are computed on Ray with
+    the scan's."""
+
+    def measuring_flow(config: str = default_config, root: str | None = None, trust_remote_code: bool = False,
+                       overrides: list[str] | None = None) -> dict:
+        return run_pipeline(load_config_task(config, overrides=overrides), root, trust_remote_code, needs=step)[0]
+
+    measuring_flow.__name__ = measuring_flow.__qualname__ = step
+    measuring_flow.__doc__ = (f"Scan ``config`` and run its analysis steps (which must include ``{step}``) into "
+                              "``root`` (default: the config's root), every unit computed on Ray. ``overrides``: "
+                              "``key.path=value`` changes to the config, as ``-o`` on the command line.")
+    return flow(name=step, log_prints=True, description=description.strip().split("\n\n")[0])(measuring_flow)
+
+
 @flow(name="scan-models", log_prints=True)
 def scan_models(config: str | None = "configs/default.yaml", root: str | None = None,
                 trust_remote_code: bool = False, models: list[str] | None = None,

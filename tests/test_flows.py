@@ -108,3 +108,47 @@ def test_flow_cli_unreachable_ray(tmp_path, micro_zoo):
                          capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 1 and out.stderr.startswith("error: ray.address: cannot reach")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_knnlm_flow_is_the_scan_body_with_its_units_on_ray(micro_zoo, tmp_path):
+    """The knnlm flow (one flow body with scan-models): the step's shards are planned with the
+    scan and built by the Ray actors, the step then only reads them; the same tables as the
+    in-process scan; a config without the step is refused in one line."""
+    import yaml
+
+    from dispersion.config import parse_config
+    from dispersion.core.errors import ConfigError
+    from dispersion.run import run_scan
+    from flows.hardness import hardness
+    from flows.knnlm import knnlm
+
+    cfg = scan_config_dict(micro_zoo, tmp_path / "flow", models=[
+        {"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": ["step20"]}],
+        datasets=[{"name": "prose", "embedded": "prose", "split": "validation"}],
+        sampling={"num_segments": 30, "segment_length": 32, "shard_size": 30, "seed": 3}, ray={"num_cpus": 1},
+        analysis={"bin_size": 10, "steps": ["knnlm"], "knnlm": {
+            "window": 32, "datastore_tokens": 900, "pool_windows": 24, "eval_windows": 6, "chunks": [4, 8],
+            "seeds": 3, "shard_windows": 8, "k": 32, "max_layers": 1, "sites": ["block"]}})
+    path = tmp_path / "knnlm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = knnlm(str(path), str(tmp_path / "flow"))
+    units = out["step_units"]["knnlm"]
+    assert units >= 4 and out["units"] == 1
+    markers = list((tmp_path / "flow" / "_done" / "knnlm").rglob("shard-*.json"))
+    assert len(markers) == units and not list((tmp_path / "flow" / "_leases").rglob("*.json"))
+    run_scan(parse_config({**cfg, "root": str(tmp_path / "alone")}), progress=False, log=lambda m: None)
+    for table in ("knnlm_candidates", "knnlm_table1"):
+        flow_rows = pq.read_table(tmp_path / f"flow/results/{table}/t.parquet").to_pylist()
+        alone_rows = pq.read_table(tmp_path / f"alone/results/{table}/t.parquet").to_pylist()
+        assert len(flow_rows) == len(alone_rows) > 0
+        for a, b in zip(flow_rows, alone_rows):
+            assert a.keys() == b.keys()
+            for k in a:
+                if k.endswith("seconds"):  # timings
+                    continue
+                if isinstance(b[k], float):
+                    assert a[k] == pytest.approx(b[k], rel=1e-6, nan_ok=True), k
+                else:
+                    assert a[k] == b[k], k
+    with pytest.raises(ConfigError, match="analysis.steps: this flow needs the hardness step"):
+        hardness(str(path), str(tmp_path / "flow"))

@@ -30,14 +30,9 @@ from dispersion.analyses.hardness import (
 )
 from dispersion.core.errors import DataError
 from dispersion.measure.metrics import cosine_dispersion, mean_cosine_distance_to_rest
-from dispersion.measure.queries import (
-    QUERY_SCHEMA,
-    Cloze,
-    answer_cloze,
-    build_cloze,
-    read_lm_eval_samples,
-    read_query_table,
-)
+from dispersion.measure.answering import answer_cloze
+from dispersion.measure.cloze import Cloze, build_cloze
+from dispersion.measure.query_sources import QUERY_SCHEMA, read_lm_eval_samples, read_query_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

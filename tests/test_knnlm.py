@@ -9,6 +9,7 @@ from conftest import scan_config_dict, tiny_gpt2
 
 from dispersion.core.integrity import CHECKSUMS
 from dispersion.core.storage import Store
+from dispersion.measure import knn_index as ki
 from dispersion.measure import knnlm as kn
 from dispersion.measure.modeling import ModelSource
 from dispersion.measure.scan import ModelRevision, SegmentSet
@@ -36,7 +37,7 @@ def _brute_force(queries, keys, values, vocab, k, temperature):
 
 def _store_index(keys, spec, chunk=64):
     rows = [len(keys[s:s + chunk]) for s in range(0, len(keys), chunk)]
-    return kn.build_index(lambda i: keys[i * chunk:(i + 1) * chunk], rows, keys.shape[1], spec)
+    return ki.build_index(lambda i: keys[i * chunk:(i + 1) * chunk], rows, keys.shape[1], spec)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 7.5])
@@ -45,21 +46,21 @@ def test_knn_distribution_equals_brute_force_on_an_exact_index(temperature):
     keys = rng.normal(size=(300, 8)).astype(np.float32)
     values = rng.integers(0, 11, size=300)
     queries = rng.normal(size=(6, 8)).astype(np.float32)
-    index = _store_index(keys, kn.IndexSpec())
-    assert kn.IndexSpec().kind(300) == "flat" and index.ntotal == 300
-    dist, idx = kn.search(index, queries, k=20)
-    got = kn.knn_distribution(dist, idx, values, 11, temperature)
+    index = _store_index(keys, ki.IndexSpec())
+    assert ki.IndexSpec().kind(300) == "flat" and index.ntotal == 300
+    dist, idx = ki.search(index, queries, k=20)
+    got = ki.knn_distribution(dist, idx, values, 11, temperature)
     want = _brute_force(queries, keys, values, 11, 20, temperature)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.sum(1), 1.0)
     targets = rng.integers(0, 11, size=6)
     with np.errstate(divide="ignore"):
-        np.testing.assert_allclose(kn.knn_logprob(dist, idx, values, targets, temperature),
+        np.testing.assert_allclose(ki.knn_logprob(dist, idx, values, targets, temperature),
                                    np.log(want[np.arange(6), targets]), rtol=1e-5)
     # k is capped by the store size: every key is a neighbour
-    dist, idx = kn.search(index, queries, k=5000)
+    dist, idx = ki.search(index, queries, k=5000)
     assert idx.shape == (6, 300)
-    np.testing.assert_allclose(kn.knn_distribution(dist, idx, values, 11, temperature),
+    np.testing.assert_allclose(ki.knn_distribution(dist, idx, values, 11, temperature),
                                _brute_force(queries, keys, values, 11, 300, temperature), rtol=1e-5, atol=1e-7)
 
 
@@ -71,20 +72,20 @@ def test_ivf_indexes_beyond_the_exact_threshold():
     keys = rng.normal(size=(2000, 16)).astype(np.float32)
     values = rng.integers(0, 13, size=2000)
     queries = rng.normal(size=(5, 16)).astype(np.float32)
-    flat = kn.IndexSpec(exact_max=100, code_size=0, nlist=8, nprobe=8)
+    flat = ki.IndexSpec(exact_max=100, code_size=0, nlist=8, nprobe=8)
     assert flat.kind(2000) == "ivfflat"
-    dist, idx = kn.search(_store_index(keys, flat), queries, k=30)
-    np.testing.assert_allclose(kn.knn_distribution(dist, idx, values, 13),
+    dist, idx = ki.search(_store_index(keys, flat), queries, k=30)
+    np.testing.assert_allclose(ki.knn_distribution(dist, idx, values, 13),
                                _brute_force(queries, keys, values, 13, 30, 1.0), rtol=1e-4, atol=1e-6)
-    pq = kn.IndexSpec(exact_max=100, code_size=8, nlist=8, nprobe=8, train_size=1500)
-    assert pq.kind(2000) == "ivfpq" and kn.pq_bytes(16, 64) == 16 and kn.pq_bytes(576, 64) == 64
+    pq = ki.IndexSpec(exact_max=100, code_size=8, nlist=8, nprobe=8, train_size=1500)
+    assert pq.kind(2000) == "ivfpq" and ki.pq_bytes(16, 64) == 16 and ki.pq_bytes(576, 64) == 64
     index = _store_index(keys, pq)
-    dist, idx = kn.search(index, queries, k=30)
+    dist, idx = ki.search(index, queries, k=30)
     assert idx.shape == (5, 30) and (idx >= 0).all()
-    again = kn.deserialize_index(kn.serialize_index(index), nprobe=8)
-    np.testing.assert_array_equal(kn.search(again, queries, k=30)[1], idx)
+    again = ki.deserialize_index(ki.serialize_index(index), nprobe=8)
+    np.testing.assert_array_equal(ki.search(again, queries, k=30)[1], idx)
     absent = np.full(5, 12)
-    lp = kn.knn_logprob(dist, idx, np.where(values == 12, 0, values), absent)
+    lp = ki.knn_logprob(dist, idx, np.where(values == 12, 0, values), absent)
     assert np.isneginf(lp).all()
 
 
@@ -96,19 +97,19 @@ def test_interpolation_with_lambda_zero_is_the_base_perplexity_exactly():
     p = kn.forward_windows(model, ids, candidates=[("3", "mlp_in")], table1=[("final", "block")], lm=True)
     with torch.no_grad():
         loss = model(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(ids)).loss
-    assert kn.perplexity(p.lm_logprob) == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+    assert ki.perplexity(p.lm_logprob) == pytest.approx(float(torch.exp(loss)), rel=1e-5)
     knn_lp = np.random.default_rng(3).normal(size=p.lm_logprob.shape) - 3.0
     knn_lp[::3] = -np.inf  # no neighbour holds the target
-    mixed = kn.interpolate(p.lm_logprob, knn_lp, 0.0)
+    mixed = ki.interpolate(p.lm_logprob, knn_lp, 0.0)
     np.testing.assert_array_equal(mixed, p.lm_logprob.astype(np.float64))
-    assert kn.perplexity(mixed) == kn.perplexity(p.lm_logprob)
-    assert np.all(kn.interpolate(p.lm_logprob, knn_lp, 0.5) > np.log(0.5) + p.lm_logprob - 1e-12)
+    assert ki.perplexity(mixed) == ki.perplexity(p.lm_logprob)
+    assert np.all(ki.interpolate(p.lm_logprob, knn_lp, 0.5) > np.log(0.5) + p.lm_logprob - 1e-12)
     # the whole scoring path: a datastore of the same windows, lambda = 0 and a grid of {0}
-    index = _store_index(p.states[("3", "mlp_in")], kn.IndexSpec())
+    index = _store_index(p.states[("3", "mlp_in")], ki.IndexSpec())
     tune = np.arange(len(p.target)) % 2 == 0
-    s = kn.score(index, p.target, p.states[("3", "mlp_in")], p.target, p.lm_logprob, tune, k=8, lam=0.0,
+    s = ki.score(index, p.target, p.states[("3", "mlp_in")], p.target, p.lm_logprob, tune, k=8, lam=0.0,
                  temperature=1.0, lambdas=[0.0], temperature_scales=[])
-    assert s.knn_ppl == s.base_ppl == s.tuned_ppl == kn.perplexity(p.lm_logprob[~tune])
+    assert s.knn_ppl == s.base_ppl == s.tuned_ppl == ki.perplexity(p.lm_logprob[~tune])
 
 
 # --------------------------------------------------------------------------- #

@@ -61,7 +61,8 @@ from dispersion.analyses.registry import Planned, Section, Step, StepContext
 from dispersion.core.config import DatasetSpec, LayerRef, ScanConfig, Site, Strict
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.storage import Store
-from dispersion.measure.knnlm import ForwardSpec, IndexSpec, KnnUnit, Target
+from dispersion.measure.knn_index import IndexSpec
+from dispersion.measure.knnlm import ForwardSpec, KnnUnit, Target
 from dispersion.measure.scan import ModelRevision
 from dispersion.report.figures import Figure, category_colors, spearman
 from dispersion.report.markdown import md_table
@@ -288,6 +289,7 @@ def table1_draws(pool: int, chunks: Sequence[int], seeds: int, seed: int) -> dic
 
 def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str], None] = print) -> Measured:
     """Table 1, the per-chunk rows, and every candidate's kNN-LM scores of one model@revision."""
+    from dispersion.measure import knn_index as ki
     from dispersion.measure import knnlm as kn
     from dispersion.measure.metrics import cosine_dispersion
 
@@ -326,9 +328,9 @@ def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str],
     values = np.asarray(kn.read_table(store, p.store_units, "values", columns=["value"]).column("value").to_numpy(),
                         np.int64)
     for t in p.spec.candidates:
-        index, kind = kn.candidate_index(store, p.store_units, t, opts.index, log)
+        index, kind = ki.candidate_index(store, p.store_units, t, opts.index, log)
         queries = kn.vectors_of(kn.read_table(store, p.eval_units, kn.query_table(t)), "query")
-        s = kn.score(index, values, queries, targets, lm_lp, tune, k=opts.k, lam=opts.lam,
+        s = ki.score(index, values, queries, targets, lm_lp, tune, k=opts.k, lam=opts.lam,
                      temperature=opts.temperature, lambdas=opts.lambdas,
                      temperature_scales=opts.temperature_scales, index_kind=kind)
         del index, queries

@@ -138,7 +138,8 @@ class Extractor:
         if "last" in self.pools:
             out[(*target, "last")] = h[st["rows"], st["last"]]
         if "mean" in self.pools:
-            n = keep.sum(1).clamp(min=1).unsqueeze(-1).to(h.dtype)
+            n = keep.sum(1).clamp(min=1).unsqueeze(-1).to(h.dtype)   # [B, 1] kept tokens
+            # [B, 1, T] @ [B, T, d] -> [B, d]: the sum of kept states, then their mean
             out[(*target, "mean")] = torch.bmm(keep.to(h.dtype).unsqueeze(1), h).squeeze(1) / n
         if self.context_pools:
             for c in self.context_lengths:
@@ -182,8 +183,8 @@ class Extractor:
             raise ModelError(f"extraction.context_lengths: {max(self.context_lengths)} is longer than a "
                              f"segment ({int(lengths.min())} tokens)")
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = torch.arange(T, device=self.device).unsqueeze(0)
-        total = (lengths + off).to(self.device).unsqueeze(1)
+        pos = torch.arange(T, device=self.device).unsqueeze(0)      # [1, T]
+        total = (lengths + off).to(self.device).unsqueeze(1)        # [B, 1] tokens fed per row
         keep = (pos >= off + self.skip_first) & (pos < total)
         self._state = {"keep": keep, "off": off, "rows": torch.arange(B, device=self.device),
                        "last": (total.squeeze(1) - 1), "out": {}}

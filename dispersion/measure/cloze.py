@@ -1,0 +1,109 @@
+"""The embedded multiple-choice cloze (paper 001 Sec. 3.1 without a hub): from the held-out
+split of the embedded corpus, a context of T tokens and its true continuation of K tokens among
+C - 1 continuations of other documents of the same domain; every model answers it itself
+(:func:`dispersion.measure.answering.answer_cloze`), so correct/incorrect labels exist for every
+model, zoo and real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dispersion.core.errors import ConfigError, DataError
+from dispersion.measure.corpus import Document
+from dispersion.measure.query_sources import QUERY_SCHEMA
+
+
+# --------------------------------------------------------------------------- #
+# the embedded cloze
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True, eq=False)
+class Cloze:
+    """N multiple-choice cloze queries: a context of T tokens, C continuations of K tokens.
+
+    Attributes:
+        queries: :data:`QUERY_SCHEMA` table (``text`` = the decoded context, ``correct`` null).
+        contexts: (N, T) int64 token ids.
+        options: (N, C, K) int64: option ``answer[i]`` is the true continuation of query i, the
+            others are continuations from other documents of the same domain.
+        answer: (N,) int64 index of the true continuation.
+    """
+
+    queries: pa.Table
+    contexts: np.ndarray
+    options: np.ndarray
+    answer: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.contexts.shape[0])
+
+    def take(self, rows: slice) -> Cloze:
+        return Cloze(self.queries.slice(rows.start, rows.stop - rows.start), self.contexts[rows],
+                     self.options[rows], self.answer[rows])
+
+
+def build_cloze(documents: Sequence[Document], tokenizer, *, name: str, context: int = 64,
+                continuation: int = 8, choices: int = 4, n: int = 1000, seed: int = 0) -> Cloze:
+    """The embedded multiple-choice cloze over ``documents`` (one domain's held-out split).
+
+    1. N windows of T + K tokens are sampled without overlap, as
+       :func:`dispersion.measure.sampling.sample_segments` samples segments (documents cut at
+       offsets 0, T + K, ...; N windows drawn without replacement, seeded; each document
+       tokenized once): the first T tokens are the context, the last K the true continuation;
+    2. each query gets C - 1 distractors: the continuations of other queries drawn at random
+       (seeded) from *other documents*, each different from the true one and from each other;
+    3. the true continuation takes a random position among the C options.
+
+    ``query_id`` is ``{name}/{doc_id}@{offset}``; ``task`` is ``name``.
+
+    Raises:
+        DataError: too few windows of T + K tokens, or too few documents for C - 1 distractors.
+    """
+    if context < 1 or continuation < 1 or choices < 2 or n < 1:
+        raise ConfigError(f"{name}: needs context >= 1, continuation >= 1, choices >= 2, n >= 1")
+    L = context + continuation
+    encoded = encode_texts(tokenizer, [d.text for d in documents])
+    counts = np.asarray([len(t) // L for t in encoded], dtype=np.int64)
+    if n > int(counts.sum()):
+        raise DataError(f"{name}: asked for {n} cloze queries of {context} + {continuation} tokens but the "
+                        f"documents hold only {int(counts.sum())} windows (lower n)")
+    chosen = np.sort(np.random.default_rng(seed).choice(int(counts.sum()), size=n, replace=False))
+    ends = np.cumsum(counts)
+    doc_idx = np.searchsorted(ends, chosen, side="right")
+    offsets = ((chosen - (ends - counts)[doc_idx]) * L).tolist()
+    tokens = np.asarray([encoded[d][o:o + L] for d, o in zip(doc_idx, offsets)], dtype=np.int64)  # [N, T + K]
+    docs = np.asarray([documents[d].doc_id for d in doc_idx], dtype=object)
+    ctx, cont = tokens[:, :context], tokens[:, context:]
+    rng = np.random.default_rng([seed, 0xC102E])
+    options = np.empty((n, choices, continuation), dtype=np.int64)
+    answer = rng.integers(0, choices, size=n)
+    for i in range(n):
+        picked: list[np.ndarray] = [cont[i]]
+        for j in rng.permutation(n):
+            if docs[j] == docs[i] or any(np.array_equal(cont[j], p) for p in picked):
+                continue
+            picked.append(cont[j])
+            if len(picked) == choices:
+                break
+        if len(picked) < choices:
+            raise DataError(f"{name}: query {i} finds only {len(picked) - 1} distinct continuations in other "
+                            f"documents for {choices - 1} distractors (raise n or lower choices)")
+        others = iter(picked[1:])
+        for c in range(choices):
+            options[i, c] = cont[i] if c == answer[i] else next(others)
+    texts = tokenizer.batch_decode(ctx.tolist())
+    ids = [f"{name}/{d}@{o}" for d, o in zip(docs, offsets)]
+    queries = pa.table({"query_id": ids, "text": texts, "correct": pa.nulls(n, pa.bool_()), "task": [name] * n,
+                        "slice": pa.nulls(n, pa.string())}, schema=QUERY_SCHEMA)
+    return Cloze(queries, ctx, options, answer.astype(np.int64))
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast path, no length warnings
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
