@@ -9,6 +9,7 @@ a one-line ``error: ...`` on stderr and exit status 1.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -348,15 +349,46 @@ def _log_lines() -> None:
         logger.propagate = False
 
 
+def _terminate(signum, frame) -> None:
+    from dispersion.core.errors import Terminated
+
+    raise Terminated()
+
+
+def interrupted_line(err: BaseException) -> str:
+    """One line on what an interrupted command leaves: the units it finished are published, the
+    one in progress is dropped with its lease, and the same command resumes."""
+    what = "terminated (SIGTERM)" if type(err).__name__ == "Terminated" else "interrupted"
+    done = getattr(err, "units_done", None)
+    finished = (f"{done[0]} of {done[1]} pending units finished and published" if done is not None
+                else "no unit of this run was finished")
+    return (f"{what}: {finished}; leases released, nothing half-written kept; "
+            f"run the same command again to resume")
+
+
 def main() -> None:
+    from dispersion.core.errors import Terminated
+
     _log_lines()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except DispersionError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        typer.echo(interrupted_line(err), err=True)
         sys.exit(130)
+    except SystemExit as exit_:  # typer turns Ctrl-C into exit status 130, the interrupt as its cause
+        cause = exit_.__cause__ or exit_.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            typer.echo(interrupted_line(cause), err=True)
+        raise
+    except Terminated as err:
+        typer.echo(interrupted_line(err), err=True)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

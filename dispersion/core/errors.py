@@ -30,8 +30,14 @@ class IntegrityError(DataError):
         self.path, self.reason = path, reason
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.reason}; run `dispersion scan` to recompute it "
-                f"(`dispersion verify --repair` lists every damaged file and releases its unit)")
+        return (f"{self.path}: {self.reason}; rerun the `dispersion scan` that wrote this root: it recomputes "
+                f"every missing or damaged unit (`dispersion verify` lists the damaged files)")
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM (what Ray, Prefect, Kubernetes and Slurm send to stop a job):
+    raised like ``KeyboardInterrupt`` so that every ``finally`` runs (leases released, temporary
+    files removed) before the command exits."""
 
 
 def first_line(err: BaseException) -> str:

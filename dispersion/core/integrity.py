@@ -117,6 +117,9 @@ class RootCheck:
     without_checksums: int = 0  # markers written before checksums: checked by rows only
     damaged: list[Damage] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # markers removed by ``repair``
+    temporaries: list[str] = field(default_factory=list)  # left by writers killed mid-write (local roots)
+
+    repaired_temporaries: bool = False
 
     @property
     def ok(self) -> bool:
@@ -128,6 +131,9 @@ class RootCheck:
                 + ("all match" if self.ok else f"{len(self.damaged)} damaged in {bad_markers} markers"))
         if self.without_checksums:
             text += f"; {self.without_checksums} markers carry no checksums (checked by row count only)"
+        if self.temporaries:
+            text += (f"; {len(self.temporaries)} temporary files of interrupted writes"
+                     + (" removed" if self.repaired_temporaries else " (`--repair` removes them)"))
         if self.removed:
             text += f"; removed {len(self.removed)} markers: the next scan recomputes them"
         elif not self.ok:
@@ -161,4 +167,10 @@ def verify_root(store: Store, repair: bool = False, log: Callable[[str], None] =
         if damage and repair:
             store.remove(marker_rel)
             result.removed.append(marker_rel)
+    result.temporaries = store.stale_temporaries()
+    for rel in result.temporaries:
+        log(f"temporary: {rel} (its writer no longer runs)")
+        if repair:
+            store.remove(rel)
+    result.repaired_temporaries = repair and bool(result.temporaries)
     return result

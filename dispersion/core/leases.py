@@ -90,7 +90,11 @@ class Leases:
         lease of the run that holds it."""
         for _ in range(8):
             body = self._body(note)
-            tag = self.store.create(rel, body)
+            try:
+                tag = self.store.create(rel, body)
+            except BaseException:  # a signal between making the folder and the lease: no empty folder stays
+                self.store.prune_empty(rel, "_leases")
+                raise
             if tag is not None:
                 self._held[rel] = (tag, body, time.monotonic())
                 return None
@@ -136,11 +140,13 @@ class Leases:
         """Give up the lease at ``rel``: the one this object holds, or else one of this owner's
         written by another process of the same run (a retried Ray actor)."""
         held = self._held.pop(rel, None)
-        if held is not None and self.store.delete_if(rel, held[0]):
-            return
-        current = self.store.read_versioned(rel)
-        if current is not None and _parse(current[0]).get("owner") == self.owner:
-            self.store.delete_if(rel, current[1])
+        try:
+            if not (held is not None and self.store.delete_if(rel, held[0])):
+                current = self.store.read_versioned(rel)
+                if current is not None and _parse(current[0]).get("owner") == self.owner:
+                    self.store.delete_if(rel, current[1])
+        finally:  # also when a signal stops the release half-way: no empty folder stays
+            self.store.prune_empty(rel, "_leases")
 
     def release_all(self) -> None:
         for rel in list(self._held):

@@ -14,6 +14,8 @@ which checks them against that checksum.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import json
 import os
@@ -82,6 +84,20 @@ def arrow_bytes(data: bytes) -> pa.Buffer:
 def parse_parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file's bytes as a table; every Parquet read of the package goes through here."""
     return pq.ParquetFile(pa.BufferReader(arrow_bytes(data))).read(columns=columns)
+
+
+def tmp_name(parent: str, name: str) -> str:
+    """A hidden temporary sibling of ``parent/name`` naming this process:
+    ``.{name}.tmp-{pid}-{random}`` (see :func:`stale_tmp`)."""
+    return f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def stale_tmp(path: str) -> bool:
+    """A temporary file of :func:`tmp_name` whose writer (a process of this host) no longer runs."""
+    from dispersion.core.processes import gone
+
+    tail = path.rsplit(".tmp-", 1)[-1].split("-")
+    return len(tail) == 2 and tail[0].isdigit() and int(tail[0]) != os.getpid() and gone(int(tail[0]), None)
 
 
 def _retrying(method):
@@ -182,10 +198,16 @@ class Store:
 
     @staticmethod
     def _replace_local(final: str, write) -> None:
-        """``write(tmp)`` into a hidden sibling of ``final``, then rename it into place."""
+        """``write(tmp)`` into a hidden sibling of ``final``, then rename it into place. The
+        sibling names this process (:func:`tmp_name`); siblings of ``final`` left by writers that
+        no longer run (killed mid-write) are removed first."""
         parent, name = final.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = tmp_name(parent, name)
         os.makedirs(parent, exist_ok=True)
+        for stale in glob.glob(f"{glob.escape(parent)}/.{glob.escape(name)}.tmp-*"):
+            if stale_tmp(stale):
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
         try:
             write(tmp)
             os.replace(tmp, final)
@@ -260,6 +282,32 @@ class Store:
                 raise IntegrityError(rel, f"unreadable Parquet ({_first_line(err)})") from None
 
     @_retrying
+    def prune_empty(self, rel: str, top: str) -> None:
+        """Remove the folders above ``rel`` that are empty now, up to (not including) ``top``
+        (local roots; object stores have no folders)."""
+        if not self.local:
+            return
+        stop = self.path(top).rstrip("/")
+        parent = os.path.dirname(self.path(rel))
+        while parent.startswith(stop + "/"):
+            try:
+                os.rmdir(parent)
+            except OSError:  # not empty (or gone)
+                return
+            parent = os.path.dirname(parent)
+
+    def stale_temporaries(self) -> list[str]:
+        """Temporary files under a local root whose writer no longer runs (a command killed
+        mid-write), relative to the root; an object store keeps none (uploads are atomic)."""
+        if not self.local:
+            return []
+        root = self.path("").rstrip("/")
+        out = []
+        for folder, _, files in os.walk(root):
+            out += [os.path.relpath(os.path.join(folder, f), root) for f in files
+                    if f.startswith(".") and ".tmp-" in f and stale_tmp(os.path.join(folder, f))]
+        return sorted(out)
+
     def remove(self, rel: str) -> None:
         """Delete a file; a missing one is not an error."""
         try:
@@ -343,18 +391,23 @@ class Store:
         final = self.path(rel)
         if self.local:
             parent, name = final.rsplit("/", 1)
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.link(tmp, final)  # fails if ``final`` exists; the content is complete when it appears
-            except FileExistsError:
-                return None
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            return _content_tag(data)
+            tmp = tmp_name(parent, name)
+            for attempt in range(3):  # a folder emptied and removed meanwhile (prune_empty) is made again
+                os.makedirs(parent, exist_ok=True)
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(data)
+                    os.link(tmp, final)  # fails if ``final`` exists; the content is complete when it appears
+                except FileExistsError:
+                    return None
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+                    continue
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                return _content_tag(data)
         if self.conditional:
             try:
                 return self.fs.call_s3("put_object", Body=data, IfNoneMatch="*", **self._s3_key(rel))["ETag"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -387,8 +388,15 @@ def execute(units: list[WorkUnit], config: ScanConfig, store: Store, progress: b
                      seconds=done.seconds, markers=done.markers)
 
 
+def new_run_id(config: ScanConfig) -> str:
+    """``{UTC time}-{config digest}-{random}``: sorts by time; scans finishing in the same second
+    (on one host or several) still get their own id."""
+    return (time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + digest(config.model_dump(mode="json"), chars=6)
+            + "-" + uuid.uuid4().hex[:6])
+
+
 def write_manifest(config: ScanConfig, store: Store, units: list[WorkUnit], stats: ScanStats) -> str:
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + digest(config.model_dump(mode="json"), chars=6)
+    run_id = new_run_id(config)
     store.write_json(layout.manifest_path(run_id), {
         "config": config.model_dump(), "version": __version__, "python": platform.python_version(),
         "units": [{"unit": u.describe(), "key": u.key, "features": u.features_rel} for u in units],

@@ -317,6 +317,9 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
                     bar.update(unit.size)
                 else:
                     queue.append(unit)
+    except BaseException as err:  # Ctrl-C, SIGTERM: the command says how far this run got
+        err.units_done = (stats.ran, len(pending))  # type: ignore[attr-defined]
+        raise
     finally:
         leases.release_all()
         loaded.clear()
