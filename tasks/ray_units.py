@@ -35,7 +35,6 @@ from dispersion.measure.units import (
     balance,
     is_done,
     lease_rel,
-    poll_seconds,
     run_leased,
 )
 
@@ -107,8 +106,6 @@ class UnitActor:
     def run(self, unit: Unit) -> tuple[str, dict]:
         """``("ran", marker)``, ``("done", marker)`` (a retry after a crash, or another run
         finished it) or ``("leased", lease)`` (another live run is computing it)."""
-        if is_done(self.store, unit):
-            return "done", self.store.read_json(unit.marker_rel) or {}
         return run_leased(unit, self.store, self.leases, self.loaded)
 
 
@@ -156,7 +153,7 @@ def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
     cls = UnitActor.options(**ray_options(spec, actor=True))  # type: ignore[attr-defined]
     actors = [cls.remote(root, owner, lease_seconds) for _ in queues]
     t0 = time.perf_counter()
-    waiting = Waiting(log)
+    waiting = Waiting(store, lease_seconds, log)
     finished = False
     try:
         while queues:
@@ -164,25 +161,12 @@ def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
             held: list[tuple[Unit, dict]] = []
             for ref, (status, info) in gather(list(refs), spec):
                 unit = refs[ref]
-                if status == "ran":
-                    stats.ran += 1
-                    stats.rows += unit.size
-                    stats.markers.append(info)
-                    if progress is not None:
-                        progress({**info, "elapsed": time.perf_counter() - t0})
+                stats.count(status, unit, info)
+                if status == "ran" and progress is not None:
+                    progress({**info, "elapsed": time.perf_counter() - t0})
                 elif status == "leased":
                     held.append((unit, info))
-                else:
-                    stats.skipped += 1
-            waiting.say(held)
-            if held:
-                time.sleep(poll_seconds(lease_seconds))
-            left = []
-            for u, _ in held:
-                if is_done(store, u, log=log):
-                    stats.skipped += 1
-                else:
-                    left.append(u)
+            left = waiting.settle(held, stats)
             queues = balance(left, len(actors)) if left else []
         finished = True
     finally:

@@ -223,7 +223,8 @@ def test_ray_actors_wait_for_leased_units_and_retake_their_own(micro_zoo, tmp_pa
     """The Ray path under leases: a unit another live run holds is waited for (that run
     publishes it), a lease of this run's owner (a retried task) is taken at once."""
     from dispersion.config import RunConfig
-    from dispersion.measure.scan import is_done, load_extractor, run_unit
+    from dispersion.measure.scan import load_extractor, run_unit
+    from dispersion.measure.units import is_done
     from tasks.ray_units import run_on_ray
 
     cfg, store, units = _plan(micro_zoo, tmp_path / "r")

@@ -1,6 +1,10 @@
-"""One model's measurement of queries (paper 001 Sec. 3.1, B.1): the pooled hidden states of
+r"""One model's measurement of queries (paper 001 Sec. 3.1, B.1): the pooled hidden states of
 each query's text, its within-query token dispersion and its perplexity (:func:`measure_texts`),
-and, for the embedded cloze, the model's own answer by lm-eval's ``acc`` rule
+and, for the embedded cloze, the model's own answer by lm-eval's ``acc`` rule, the choice with
+the highest summed log-likelihood
+
+.. math:: \hat c = \arg\max_c \sum_{k=1}^{K} \log p(y^{(c)}_k \mid x_{1..T}, y^{(c)}_{<k})
+
 (:func:`answer_cloze`: one forward pass per context, its KV cache repeated once per choice).
 """
 

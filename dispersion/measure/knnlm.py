@@ -45,7 +45,6 @@ from dispersion.core.ids import digest
 from dispersion.core.integrity import CHECKSUMS, recorded
 from dispersion.core.storage import Store, vector_column
 from dispersion.measure.scan import ModelRevision, SegmentSet, prepare_segments
-from dispersion.measure.units import is_done
 
 Target = tuple[str, str]  # (layer name, site)
 Part = Literal["store", "eval"]
@@ -367,12 +366,6 @@ class KnnUnit:
 def plan_units(mr: ModelRevision, corpus: str, part: Part, windows: SegmentSet, spec: ForwardSpec,
                bos: int | None = None) -> list[KnnUnit]:
     return [KnnUnit(mr, corpus, part, windows, k, spec, bos) for k in range(len(windows.shard_rows))]
-
-
-def unit_done(store: Store, unit: KnnUnit, log: Callable[[str], None] = print) -> bool:
-    """Done: its marker names this unit's key and window count and its files check out
-    (:func:`dispersion.measure.units.is_done`)."""
-    return is_done(store, unit, log)
 
 
 def _vectors(v: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:

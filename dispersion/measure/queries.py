@@ -1,46 +1,23 @@
 r"""Query sets with correctness labels, and one model's measurement of them (paper 001
 Sec. 3.1 and B.1: ranking example hardness without labels).
 
-A *query set* is a table of :data:`QUERY_SCHEMA` (``query_id``, ``text``, ``correct``,
-``task``, optional ``slice``) from one of three sources:
-
-* :func:`read_lm_eval_samples` -- the ``samples_<task>_<date>.jsonl`` files that
-  lm-evaluation-harness 0.4.x writes with ``--log_samples --output_path P`` (one JSON object
-  per document and filter: ``doc_id``, ``doc``, ``target``, ``arguments`` =
-  ``{"gen_args_0": {"arg_0": context, "arg_1": continuation}, ...}``, ``resps``,
-  ``filtered_resps``, ``filter``, ``metrics`` (the metric names), the hashes, and every metric
-  as a key, e.g. ``"acc": 1.0``). The query text is the request context the model saw,
-  ``arguments.gen_args_0.arg_0`` (few-shot examples and chat template included, as lm-eval
-  rendered them); ``correct`` is the chosen metric (``acc`` by default, ``acc_norm`` or any
-  0/1 metric); the task comes from the file name.
-* :func:`read_query_table` -- a CSV or Parquet table with ``query_id``, ``text``,
-  ``correct`` and optionally ``task`` and ``slice``.
-* :func:`build_cloze` -- an embedded multiple-choice cloze, so a run needs no hub: from the
-  held-out split of the embedded corpus, a context of T tokens and its true continuation of K
-  tokens among C - 1 continuations of other documents of the same domain. Every model answers
-  it itself (:func:`answer_cloze`), by lm-eval's ``acc`` rule: the choice with the highest
-  summed log-likelihood
-
-  .. math:: \hat c = \arg\max_c \sum_{k=1}^{K} \log p(y^{(c)}_k \mid x_{1..T}, y^{(c)}_{<k}),
-
-  so correct/incorrect labels exist for every model, zoo and real.
+A *query set* is a table of :data:`~dispersion.measure.query_sources.QUERY_SCHEMA` (``query_id``,
+``text``, ``correct``, ``task``, optional ``slice``) from lm-evaluation-harness sample logs or a
+table (:mod:`dispersion.measure.query_sources`), or the embedded multiple-choice cloze that every
+model answers itself by lm-eval's ``acc`` rule (:mod:`dispersion.measure.cloze`,
+:func:`~dispersion.measure.answering.answer_cloze`), so labels exist for every model, zoo and real.
 
 One model's measurement of a query (:class:`QueryUnit`, read back with :func:`read_measured`) is
-what the hardness analysis reads: the pooled hidden states of the query text (the paper's choice is the final layer's
-last-token state; other layers, sites and the ``mean`` pool are selectable), the within-query
+what the hardness analysis reads: the pooled hidden states of the query text (the paper's choice
+is the final layer's last-token state; other layers, sites and the ``mean`` pool are selectable), the within-query
 token dispersion of those states (as :mod:`dispersion.measure.extract` defines it), and the
 perplexity of the query text, ``ppl = exp(-(1/n) sum_t log p(x_t | x_<t))``, over the same
 tokens the scan scores (all of them after a BOS, else all but the first). The cloze does this
 in **one forward pass per context**: the context pass gives the states and the perplexity and
 its KV cache, repeated once per choice, scores the C continuations.
 
-The parts live one job a module: the file sources in :mod:`dispersion.measure.query_sources`
-(:func:`~dispersion.measure.query_sources.read_lm_eval_samples`,
-:func:`~dispersion.measure.query_sources.read_query_table`), the cloze in
-:mod:`dispersion.measure.cloze` (:func:`~dispersion.measure.cloze.build_cloze`), the forward
-passes in :mod:`dispersion.measure.answering` (:func:`~dispersion.measure.answering.answer_cloze`,
-:func:`~dispersion.measure.answering.measure_texts`); this module holds the query set, the
-measurement spec and its shards.
+The forward passes are :mod:`dispersion.measure.answering`; this module holds the query set,
+its measurement spec and its shards.
 
 Measurements are stored as shards under ``queries/`` (:func:`dispersion.core.layout.query_shard`),
 each published atomically with a done marker that records its key and checksum, so a rerun

@@ -36,7 +36,6 @@ from dispersion.core.storage import Store, feature_schema, vector_column, vector
 from dispersion.measure.corpus import dataset_key, document_source
 from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
 from dispersion.measure.sampling import sample_key, sample_segments, shard_slices, tokenizer_fingerprint
-from dispersion.measure.units import is_done as units_is_done
 from dispersion.measure.units import run_units
 from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
 
@@ -136,11 +135,6 @@ class WorkUnit:
 
     def describe(self) -> str:
         return f"{self.mr.model}@{self.mr.revision} {self.segments.dataset} shard {self.shard}"
-
-
-def is_done(store: Store, unit: WorkUnit, log: Callable[[str], None] = print) -> bool:
-    """Done: the marker names this unit's key and row count and its files check out."""
-    return units_is_done(store, unit, log)
 
 
 # -- planning ---------------------------------------------------------------------------------

@@ -257,19 +257,43 @@ class RunStats:
     seconds: float = 0.0
     markers: list[dict] = field(default_factory=list)  # of the units that ran here
 
+    def count(self, status: str, unit: Unit, info: dict) -> None:
+        """One result of :func:`run_leased` (``leased`` is counted once it is settled)."""
+        if status == "ran":
+            self.markers.append(info)
+            self.ran += 1
+            self.rows += unit.size
+        elif status == "done":
+            self.skipped += 1
+
 
 class Waiting:
-    """Units another run holds: logged at most once a minute."""
+    """Units another run holds: logged at most once a minute, re-checked after a pause."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
+    def __init__(self, store: Store, lease_seconds: float, log: Callable[[str], None]) -> None:
+        self.store, self.lease_seconds, self.log = store, lease_seconds, log
         self.said: float | None = None
 
-    def say(self, held: Sequence[tuple[Unit, dict]]) -> None:
-        if held and (self.said is None or time.monotonic() - self.said > 60):
+    def settle(self, held: Sequence[tuple[Unit, dict]], stats: RunStats,
+               on_done: Callable[[Unit], None] | None = None) -> list[Unit]:
+        """The held units still pending after a pause; those another run published meanwhile
+        count as skipped (and go to ``on_done``)."""
+        if not held:
+            return []
+        if self.said is None or time.monotonic() - self.said > 60:
             self.log(f"waiting for {len(held)} unit(s) that another run is computing "
                      f"({held[0][0].describe()}: {describe(held[0][1])})")
             self.said = time.monotonic()
+        time.sleep(poll_seconds(self.lease_seconds))
+        left = []
+        for unit, _ in held:
+            if is_done(self.store, unit, log=self.log):
+                stats.skipped += 1
+                if on_done is not None:
+                    on_done(unit)
+            else:
+                left.append(unit)
+        return left
 
 
 def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", unit_name: str = "segments",
@@ -291,32 +315,19 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
     bar = Progress(sum(u.size for u in pending), what, unit=unit_name, log=log, enabled=progress)
     leases = Leases(store, owner=owner, seconds=lease_seconds)
     loaded = Loaded(on_load=lambda u: bar.note(u.describe().split(" ")[0]))
-    waiting = Waiting(log)
+    waiting = Waiting(store, lease_seconds, log)
     queue: list[Unit] = [u for group in by_model(pending).values() for u in group]
     try:
         while queue:
             held: list[tuple[Unit, dict]] = []
             for unit in queue:
                 status, info = run_leased(unit, store, leases, loaded, progress=bar.update, log=log)
+                stats.count(status, unit, info)
                 if status == "leased":
                     held.append((unit, info))
-                elif status == "ran":
-                    stats.markers.append(info)
-                    stats.ran += 1
-                    stats.rows += unit.size
-                else:
-                    stats.skipped += 1
+                elif status == "done":
                     bar.update(unit.size)
-            waiting.say(held)
-            queue = []
-            if held:
-                time.sleep(poll_seconds(lease_seconds))
-            for unit, _ in held:
-                if is_done(store, unit, log=log):
-                    stats.skipped += 1
-                    bar.update(unit.size)
-                else:
-                    queue.append(unit)
+            queue = waiting.settle(held, stats, on_done=lambda u: bar.update(u.size))
     except BaseException as err:  # Ctrl-C, SIGTERM: the command says how far this run got
         err.units_done = (stats.ran, len(pending))  # type: ignore[attr-defined]
         raise
