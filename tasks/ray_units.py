@@ -179,6 +179,7 @@ def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
                     leases.release(lease_rel(u))
                 except Exception:  # noqa: BLE001 - best effort: they expire anyway
                     break
+        Leases(store, owner=owner).sweep()
         if started:
             ray.shutdown()
     stats.seconds = time.perf_counter() - t0

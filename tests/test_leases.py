@@ -80,6 +80,44 @@ def test_exclusive_create_and_conditional_writes_locally(tmp_path):
     assert not [p for p in (tmp_path / "r").rglob(".*")]  # no temporary file left
 
 
+_CHURN = """
+import sys
+from dispersion.core.leases import Leases
+from dispersion.core.storage import Store
+store, me = Store(sys.argv[1]), sys.argv[2]
+leases = Leases(store, owner=me, seconds=60)
+for i in range(300):
+    rel = f"_leases/model=m/revision=r/sample={i % 3}/spec={me}-{i}.json"
+    assert leases.claim(rel) is None
+    leases.release(rel)
+"""
+
+
+def test_claims_race_releases_that_prune_the_same_folders(tmp_path):
+    """One run's release removes a folder that has just emptied while another run is making
+    the same folder for its own lease: the claim makes the folder again instead of failing."""
+    root = tmp_path / "r"
+    procs = [subprocess.Popen([sys.executable, "-c", _CHURN, str(root), f"run{k}"], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for k in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert not list(root.rglob("*.json"))
+
+
+def test_a_folder_removed_between_making_it_and_writing_is_made_again(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "r"))
+    real, removed = os.makedirs, []
+
+    def makedirs_then_pruned(path, *args, **kwargs):  # another run's prune_empty in between
+        real(path, *args, **kwargs)
+        if not removed:
+            removed.append(path)
+            os.rmdir(path)
+    monkeypatch.setattr(os, "makedirs", makedirs_then_pruned)
+    assert store.create("_leases/a/b/lease.json", b"x") is not None
+    assert removed and (tmp_path / "r/_leases/a/b/lease.json").read_bytes() == b"x"
+
+
 def test_exclusive_create_and_conditional_writes_on_s3(s3):
     store = Store("s3://dispersion-test/leases")
     assert store.conditional

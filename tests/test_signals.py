@@ -43,8 +43,8 @@ def _after_first_units(proc: subprocess.Popen, root: Path, n: int = 2) -> None:
 
 
 def _leases(root: Path) -> list[Path]:
-    """Lease files left under the root (emptied folders are pruned best-effort, not asserted)."""
-    return list((root / "_leases").rglob("*.json")) if (root / "_leases").exists() else []
+    """Lease files and lease folders left under the root."""
+    return list((root / "_leases").rglob("*")) if (root / "_leases").exists() else []
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -26,6 +26,7 @@ renew may lose its lease and then only repeats work whose outputs are published 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -151,6 +152,12 @@ class Leases:
     def release_all(self) -> None:
         for rel in list(self._held):
             self.release(rel)
+
+    def sweep(self) -> None:
+        """Remove the empty lease folders under the root (a run stopped between making a
+        folder and writing its lease leaves one); best effort."""
+        with contextlib.suppress(OSError):
+            self.store.prune_tree("_leases")
 
     def holder(self, rel: str) -> dict | None:
         """The live lease at ``rel`` (anyone's), ``None`` when it is free or expired."""

@@ -296,6 +296,16 @@ class Store:
                 return
             parent = os.path.dirname(parent)
 
+    def prune_tree(self, top: str) -> None:
+        """Remove every empty folder below ``top`` (local roots), deepest first. A folder another
+        run makes meanwhile may go too: ``create`` makes it again."""
+        if not self.local:
+            return
+        for folder, _, _ in os.walk(self.path(top).rstrip("/"), topdown=False):
+            if folder != self.path(top).rstrip("/"):
+                with contextlib.suppress(OSError):  # not empty (or gone)
+                    os.rmdir(folder)
+
     def stale_temporaries(self) -> list[str]:
         """Temporary files under a local root whose writer no longer runs (a command killed
         mid-write), relative to the root; an object store keeps none (uploads are atomic)."""
@@ -392,16 +402,16 @@ class Store:
         if self.local:
             parent, name = final.rsplit("/", 1)
             tmp = tmp_name(parent, name)
-            for attempt in range(3):  # a folder emptied and removed meanwhile (prune_empty) is made again
-                os.makedirs(parent, exist_ok=True)
+            for attempt in range(20):  # a folder another run empties and removes meanwhile (prune_empty) is made again
                 try:
+                    os.makedirs(parent, exist_ok=True)
                     with open(tmp, "wb") as fh:
                         fh.write(data)
                     os.link(tmp, final)  # fails if ``final`` exists; the content is complete when it appears
                 except FileExistsError:
                     return None
                 except FileNotFoundError:
-                    if attempt == 2:
+                    if attempt == 19:
                         raise
                     continue
                 finally:

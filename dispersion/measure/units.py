@@ -333,6 +333,7 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
         raise
     finally:
         leases.release_all()
+        leases.sweep()
         loaded.clear()
         bar.close()
     stats.seconds = time.perf_counter() - t0
