@@ -66,6 +66,7 @@ def vector_column(v: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), type=pa.float16()), v.shape[1])
 
 
+CREATE_ATTEMPTS = 20  # tries of a local exclusive create whose folder other runs' releases prune meanwhile
 RETRY_SECONDS = 60.0  # how long an object-store call is retried through an outage
 
 
@@ -301,8 +302,9 @@ class Store:
         run makes meanwhile may go too: ``create`` makes it again."""
         if not self.local:
             return
-        for folder, _, _ in os.walk(self.path(top).rstrip("/"), topdown=False):
-            if folder != self.path(top).rstrip("/"):
+        top_folder = self.path(top).rstrip("/")
+        for folder, _, _ in os.walk(top_folder, topdown=False):
+            if folder != top_folder:
                 with contextlib.suppress(OSError):  # not empty (or gone)
                     os.rmdir(folder)
 
@@ -402,7 +404,7 @@ class Store:
         if self.local:
             parent, name = final.rsplit("/", 1)
             tmp = tmp_name(parent, name)
-            for attempt in range(20):  # a folder another run empties and removes meanwhile (prune_empty) is made again
+            for attempt in range(CREATE_ATTEMPTS):  # a folder another run empties and removes meanwhile is made again
                 try:
                     os.makedirs(parent, exist_ok=True)
                     with open(tmp, "wb") as fh:
@@ -411,7 +413,7 @@ class Store:
                 except FileExistsError:
                     return None
                 except FileNotFoundError:
-                    if attempt == 19:
+                    if attempt == CREATE_ATTEMPTS - 1:
                         raise
                     continue
                 finally:
