@@ -64,8 +64,8 @@ def _console():
     from dispersion.core.progress import interactive
 
     if interactive(sys.stdout):
-        return Console()
-    return Console(width=10_000, soft_wrap=True, no_color=True, highlight=False)
+        return Console(markup=False)  # model names, revisions and paths print as written
+    return Console(width=10_000, soft_wrap=True, no_color=True, highlight=False, markup=False)
 
 
 def _preflight(root: str, cfg=None, *, write: bool = True, trust_remote_code: bool = False):
@@ -109,6 +109,10 @@ def scan(config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt =
     cfg = _load(config, model, dataset, overrides)
     _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     console = _console()
+    if config is None and model and not any(o.startswith("analysis.bin_size=") for o in overrides or ()):
+        n = min(m.num_segments or cfg.sampling.num_segments for m in cfg.models)
+        console.print(f"bins: {n // cfg.analysis.bin_size} of {cfg.analysis.bin_size} segments per sample of {n} "
+                      f"(-o analysis.bin_size=B to choose)")
     result = run_scan(cfg, root=root, progress=progress, log=console.print)
     a = cfg.analysis
     print_tables(result.tables["bins"], result.tables["correlations"], layer=str(a.layer), site=a.site,
@@ -257,8 +261,9 @@ def query(sql: Annotated[str, typer.Argument(help="One SELECT over the catalog v
                                                     "them; docs/CATALOG.md describes every column).")],
           config: ConfigOpt = None, overrides: SetOpt = None, root: RootOpt = None,
           fmt: Annotated[Optional[str], typer.Option(
-              "--format", "-f", help="table, csv, json, jsonl, markdown or parquet. Default: the --output "
-                                     "file's suffix, else table on a terminal and csv in a pipe.")] = None,
+              "--format", "-f", help="table, csv, tsv, json, jsonl, markdown or parquet. Default: the --output "
+                                     "file's suffix (.txt table, .csv, .tsv, .json, .jsonl, .md, .parquet), "
+                                     "else table on a terminal and csv in a pipe.")] = None,
           output: Annotated[Optional[str], typer.Option(
               "--output", help="Write the whole result to this file (local path or fsspec URL) instead "
                                "of standard output.")] = None,
@@ -278,18 +283,19 @@ def query(sql: Annotated[str, typer.Argument(help="One SELECT over the catalog v
 
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-    kind = format_for(output, fmt, tty=sys.stdout.isatty())
+    try:
+        kind = format_for(output, fmt, tty=sys.stdout.isatty())
+    except ValueError as err:
+        raise ConfigError(f"--output: {err}") from None
     if kind == "parquet" and output is None:
         raise ConfigError("--format parquet: give --output FILE (Parquet is binary)")
-    if kind == "table" and output is not None:
-        raise ConfigError("--format table is for the terminal; for --output use csv, json, jsonl, markdown or parquet")
     if root is None:
         root = _load(config, overrides=overrides).root
     result = run_query(_preflight(root, write=False), sql)
     if result is None:
         return
-    if kind == "table":
-        print_table(result, 50 if limit is None else limit)
+    if kind == "table" and output is None:
+        print_table(result, 50 if limit is None else limit, console=_console())
         return
     if limit is not None:
         result = result.slice(0, limit)
@@ -366,10 +372,20 @@ def interrupted_line(err: BaseException) -> str:
             f"run the same command again to resume")
 
 
+def _help_width() -> None:
+    """``--help`` in a pipe (``| less``, a log) keeps the examples whole: 160 columns, not rich's
+    80 (``TERMINAL_WIDTH`` still decides when set)."""
+    import typer.rich_utils as rich_utils
+
+    if not sys.stdout.isatty() and rich_utils.MAX_WIDTH is None:
+        rich_utils.MAX_WIDTH = 160
+
+
 def main() -> None:
     from dispersion.core.errors import Terminated
 
     _log_lines()
+    _help_width()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

@@ -29,8 +29,8 @@ def run_pipeline(cfg: RunConfig, root: str | None, trust_remote_code: bool = Fal
     preflight(root, cfg, trust_remote_code=trust_remote_code)
     build_zoo_task(cfg)
     units, planned = plan_task(cfg, root)
-    paths, ran = extract_task(cfg, units, root, planned)
-    result = aggregate_task(cfg, units, root, ran, planned)
+    paths, ran, seconds = extract_task(cfg, units, root, planned)
+    result = aggregate_task(cfg, units, root, ran, planned, seconds)
     measured = {name: len(p.units) for name, p in planned.items()}
     return {**result, "features": len(paths), **({"step_units": measured} if measured else {})}, units
 

@@ -115,6 +115,7 @@ export DISPERSION_BUCKET=$BUCKET
 export RAY_AUTH_MODE=disabled
 export RAY_TMPDIR=$STACK_DIR/ray
 export HF_HUB_OFFLINE=1
+export PATH=$BIN:\$PATH
 EOF
 }
 
@@ -156,7 +157,7 @@ EOF
   if [[ "$DEPLOY" == true ]]; then
     # deploy from the repo root: the flow runs' working directory is fixed to it (see prefect.yaml)
     if "$PREFECT" --no-prompt deploy --all --prefect-file infra/prefect.yaml >>"$LOGS/deploy.log" 2>&1; then
-      log "deployed scan-models/nightly and checkpoint-sweep/sweep"
+      log "deployed $("$PY" -c 'import yaml; print(", ".join(d["entrypoint"].split(":")[1].replace("_", "-") + "/" + d["name"] for d in yaml.safe_load(open("infra/prefect.yaml"))["deployments"]))')"
     else
       log "deploy --all failed (see $LOGS/deploy.log); deploying nightly only"
       "$PREFECT" --no-prompt deploy --name nightly --prefect-file infra/prefect.yaml >>"$LOGS/deploy.log" 2>&1 \

@@ -58,9 +58,10 @@ def plan_task(config: RunConfig, root: str) -> tuple[list[WorkUnit], dict[str, P
 
 @task(name="extract-on-ray", retries=2, retry_delay_seconds=10)
 def extract_task(config: RunConfig, units: list[WorkUnit], root: str,
-                 planned: dict[str, Planned] | None = None) -> tuple[list[str], int]:
+                 planned: dict[str, Planned] | None = None) -> tuple[list[str], int, float]:
     """Fan the pending units out to Ray actors (the scan's and the measuring steps', one queue);
-    returns the published features shard paths and how many of the scan's units ran now."""
+    returns the published features shard paths, how many of the scan's units ran now and the
+    seconds the runner took."""
     import time
 
     from dispersion.core.progress import duration
@@ -83,17 +84,18 @@ def extract_task(config: RunConfig, units: list[WorkUnit], root: str,
     stats = run_on_ray(work, root, config.ray, progress=progress, log=_log, owner=owner)
     scan_keys = {u.key for u in units}
     store = Store(root)
-    return [store.url(u.features_rel) for u in units], sum(m.get("key") in scan_keys for m in stats.markers)
+    return ([store.url(u.features_rel) for u in units], sum(m.get("key") in scan_keys for m in stats.markers),
+            stats.seconds)
 
 
 @task(name="aggregate", retries=1)
 def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int,
-                   planned: dict[str, Planned] | None = None) -> dict:
+                   planned: dict[str, Planned] | None = None, seconds: float = 0.0) -> dict:
     """Bins, correlations, the analysis steps (reading the shards the runner published), report
     and catalog; Prefect artifacts with the summary."""
     store = Store(root)
     stats = ScanStats(planned=len(units), ran=ran, skipped=len(units) - ran,
-                      segments=sum(u.n_rows for u in units))
+                      segments=sum(u.n_rows for u in units), seconds=seconds)
     run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
     tables, report, catalog = aggregate(config, store, units, log=_log, planned=planned)
     a = config.analysis
@@ -110,7 +112,7 @@ def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int
     with store.fs.open(store.path(report_path(config.name)), "r") as fh:
         summary = fh.read()
     body = re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$", "", summary.split("\n## ")[0] + "\n", flags=re.M)
-    link = report.get("html", report["summary"])
+    link = store.browser_url(report_path(config.name, "html" if "html" in report else "md"))
     create_markdown_artifact(key=f"{key}-summary", markdown=(
         f"**{len(units)} work units** ({ran} ran now) in `{store.url()}`; report: {link}, catalog: `{catalog}`\n\n"
         + body), description=f"dispersion scan {config.name}")

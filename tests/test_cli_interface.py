@@ -70,6 +70,22 @@ def test_query_output_file_takes_its_format_from_the_suffix(root, tmp_path):
     assert out.stdout == "" and "2 rows" in out.stderr
 
 
+def test_query_output_tsv_and_txt_and_a_table_in_a_pipe(root, tmp_path):
+    tsv, txt = tmp_path / "c.tsv", tmp_path / "c.txt"
+    for target in (tsv, txt):
+        out = _cli("query", "--root", str(root), "SELECT bin, dispersion FROM bins ORDER BY bin", "--output",
+                   str(target), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+    assert tsv.read_text().splitlines() == ["bin\tdispersion", "0\t0.25", "1\t0.5"]
+    assert "┃ bin ┃ dispersion ┃" in txt.read_text() and "│   1 │        0.5 │" in txt.read_text()
+    piped = _cli("query", "--root", str(root), "SELECT segment_id, text FROM texts", "--format", "table",
+                 cwd=tmp_path)  # a pipe is no terminal: one line per row, not 80 columns
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2 + 4, piped.stdout
+    bad = _cli("query", "--root", str(root), "FROM bins", "--output", str(tmp_path / "c.xlsx"), cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --output: cannot tell the format") \
+        and ".tsv (tsv)" in bad.stderr and not (tmp_path / "c.xlsx").exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--format", "xml"], "--format: unknown format 'xml'"),
     (["--format", "parquet"], "--format parquet: give --output FILE"),
@@ -95,12 +111,12 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     assert "…" not in out.stdout  # tables are not squeezed to 80 columns in a pipe
     assert "torch: 1 intra-op thread (OMP_NUM_THREADS)" in out.stdout  # threads follow the CPU budget
     # the report: metadata and findings (rho, p, n) first, then appendices; a self-contained HTML page
-    md = (store / "results" / "report" / "tiny.md").read_text()
-    assert md.index("| run | `tiny`") < md.index("## Findings") < md.index("## Appendix A") < md.index("## Appendix B")
+    md = (store / "results" / "report" / "tiny-prose.md").read_text()
+    assert md.index("| run | `tiny-prose`") < md.index("## Findings") < md.index("## Appendix A") < md.index("## Appendix B")
     assert "| model | revision | dataset | scope | bins | Spearman ρ | p | Pearson r | p |" in md
-    html = (store / "results" / "report" / "tiny.html").read_text()
+    html = (store / "results" / "report" / "tiny-prose.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
-    assert 'src="data:image/png;base64,' in html and 'src="tiny.png"' not in html
+    assert 'src="data:image/png;base64,' in html and 'src="tiny-prose.png"' not in html
     q = _cli("query", "--root", str(store), "SELECT model, revision, dataset, count(*) AS n FROM features GROUP BY ALL",
              "--format", "json", cwd=tmp_path)
     assert q.returncode == 0, q.stderr
@@ -109,12 +125,12 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     for view in ("features", "bins", "correlations"):
         q = _cli("query", "--root", str(store), f"SELECT DISTINCT step, run FROM {view}", "--format", "json",
                  cwd=tmp_path)
-        assert json.loads(q.stdout) == [{"step": 20, "run": "tiny"}], (view, q.stderr)
+        assert json.loads(q.stdout) == [{"step": 20, "run": "tiny-prose"}], (view, q.stderr)
     q = _cli("query", "--root", str(store), "SELECT name, models, units, ran, run_id FROM runs", "--format", "json",
              cwd=tmp_path)
     (row,) = json.loads(q.stdout)
-    assert {k: row[k] for k in ("name", "models", "units", "ran")} == {"name": "tiny", "models": ["tiny"], "units": 1,
-                                                                       "ran": 1}
+    assert {k: row[k] for k in ("name", "models", "units", "ran")} == {"name": "tiny-prose", "models": ["tiny"],
+                                                                       "units": 1, "ran": 1}
     # the MLflow run (tracking.mlflow): the store's run id, the config, every correlation
     from mlflow.tracking import MlflowClient
 
@@ -123,10 +139,17 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("dispersion").experiment_id])
     assert run.data.tags["dispersion.run_id"] == row["run_id"]
     assert run.data.params["sampling.num_segments"] == "40" and run.data.params["models"].startswith('[{"name": "tiny"')
-    (corr,) = [r for r in pq.read_table(store / "results/correlations/tiny.parquet").to_pylist()
+    (corr,) = [r for r in pq.read_table(store / "results/correlations/tiny-prose.parquet").to_pylist()
                if (r["layer"], r["site"], r["pool"], r["bins"]) == ("final", "block", "last", "all")]
-    assert run.data.metrics["spearman_r/tiny/prose/final/block/last/all"] == pytest.approx(corr["spearman_r"])
+    assert run.data.metrics["spearman_r/tiny/checkpoints/prose/final/block/last/all"] == pytest.approx(corr["spearman_r"])
     assert f"mlflow: run {run.info.run_id} in experiment 'dispersion'" in out.stdout
+    again = _cli("report", "--model", "tiny=zoo:gpt2-tiny@step20", "--dataset", "embedded:prose", "--root", str(store),
+                 "-o", f"zoo={zoo}", "-o", "sampling.num_segments=40", "-o", "sampling.segment_length=32",
+                 "-o", "analysis.bin_size=10", "-o", "extraction.layers=[final]",
+                 "-o", f"tracking.mlflow=file:{tmp_path}/mlruns", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"mlflow: resumed run {run.info.run_id} " in again.stdout  # one MLflow run per scan, not a duplicate
+    assert len(client.search_runs([client.get_experiment_by_name("dispersion").experiment_id])) == 1
     # docs/CATALOG.md describes every column of the main views
     for view in ("features", "vectors", "segments", "bins", "correlations", "specs", "runs", "revisions"):
         q = _cli("query", "--root", str(store), f"DESCRIBE {view}", "--format", "json", cwd=tmp_path)

@@ -156,6 +156,12 @@ def test_nightly_deployment_runs_on_a_process_worker(micro_zoo, tmp_path, ray_tm
                     "--watch", "--watch-timeout", "300"], env, 330)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + worker_log.read_text()[-3000:]
         assert "Completed" in run.stdout
+        # the report artifact links a page a browser opens (file:// here; a presigned URL on S3)
+        from tasks.steps import artifact_key
+
+        out = _run([PREFECT, "artifact", "inspect", f"{artifact_key('t', str(root))}-report", "-o", "json"], env, 60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (root / "results/report/t.html").as_uri() in out.stdout
     finally:
         _stop(worker)
         _stop(server)
@@ -164,6 +170,10 @@ def test_nightly_deployment_runs_on_a_process_worker(micro_zoo, tmp_path, ray_tm
     assert list((root / "results/report").glob("*.png"))
     assert (root / "catalog.duckdb").stat().st_size > 0
     assert "set_working_directory" in worker_log.read_text()
+    import duckdb
+
+    with duckdb.connect(str(root / "catalog.duckdb"), read_only=True) as con:  # the flow run's runs row has its time
+        assert con.execute("SELECT ran, seconds FROM runs").fetchall()[0][1] > 0
 
 
 def test_local_stack_up_status_down(tmp_path, ray_tmp):
@@ -194,8 +204,14 @@ def test_local_stack_up_status_down(tmp_path, ray_tmp):
                       "import boto3; print([b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']])"],
                      user_env, 60)
         assert check.returncode == 0 and "nightly" in check.stdout, check.stderr
-        for name in ("scan-models/nightly", "checkpoint-sweep/sweep"):
-            out = _run([PREFECT, "deployment", "inspect", name, "-o", "json"], user_env, 60)
+        deployed = ("scan-models/nightly", "checkpoint-sweep/sweep", "train-sweep/train-sweep")
+        assert f"deployed {', '.join(deployed)}" in up.stderr
+        # infra/README's commands as written: `source .stack/env`, then a plain `prefect` (no .venv on PATH)
+        plain = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        plain["PATH"] = "/usr/bin:/bin"
+        for name in deployed:
+            out = _run(["bash", "-c", f"source {stack_dir}/env && prefect deployment inspect '{name}' -o json"],
+                       plain, 60)
             assert out.returncode == 0, name + out.stdout + out.stderr
 
         again = _run([*script, "up"], env, 60)  # already up: a no-op

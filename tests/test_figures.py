@@ -382,3 +382,17 @@ def test_annotation_takes_an_empty_corner_or_makes_room_above_the_data():
     import matplotlib.pyplot as plt
 
     plt.close(fig.fig)
+
+
+def test_the_main_figure_tells_revisions_apart_without_colour_and_says_what_each_panel_measures():
+    import re
+
+    svg = F.figure_files(plot_bins(BINS, layer="final", site="block", pool="last"))["svg"].decode()
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert "gpt2-tiny · code · across segments, last pool" in texts
+    assert "gpt2-tiny · code · within segments, token states" in texts  # not 'pool last'
+    assert "bin mean perplexity (log scale)" in texts
+    assert not any("pool last" in t for t in texts)
+    # one marker shape per revision (step0, step30, step300), not colour alone
+    shapes = set(re.findall(r'<path id="(m[0-9a-f]+)" d="([^"]+)"', svg))
+    assert len({d for _, d in shapes}) >= 3

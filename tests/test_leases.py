@@ -285,3 +285,4 @@ def test_ray_actors_wait_for_leased_units_and_retake_their_own(micro_zoo, tmp_pa
     assert stats.ran == 5 and stats.skipped == 1 and all(is_done(store, u) for u in units)
     assert any(line.startswith("waiting for 1 unit(s)") for line in logs), logs
     assert not list((tmp_path / "r" / "_leases").rglob("*.json"))
+

@@ -22,10 +22,17 @@ BASE = {"name": "t", "root": "runs/t", "models": [{"name": "a", "zoo": "gpt2-tin
     ("zoo:gpt2-tiny@step0,final", {"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": ["step0", "final"]}),
     ("packaged:smollm2-135m", {"name": "smollm2-135m", "packaged": "smollm2-135m"}),
     ("gguf:/models/x y.gguf", {"name": "x-y.gguf", "gguf": "/models/x y.gguf"}),
-    ("./runs/my model/", {"name": "my-model", "id": "./runs/my model/"}),
 ])
 def test_model_entries(spec, entry):
     assert model_entry(spec) == entry
+
+
+def test_a_local_folder_is_named_after_it_and_a_missing_one_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "my model").mkdir(parents=True)
+    assert model_entry("./runs/my model/") == {"name": "my-model", "id": "./runs/my model/"}
+    with pytest.raises(ConfigError, match=r"^--model ./runs/other: no such model folder './runs/other'$"):
+        model_entry("./runs/other")
 
 
 @pytest.mark.parametrize("spec, entry", [
@@ -50,10 +57,10 @@ def test_bad_dataset_entries_name_the_flag(bad, says):
 
 def test_overrides_set_nested_fields_lists_and_yaml_values():
     out = apply_overrides(BASE, models=["zoo:llama-small@step0"],
-                          overrides=["sampling.num_segments=200", "models.0.dtype=bfloat16",
+                          overrides=["sampling.num_segments=300", "models.0.dtype=bfloat16",
                                      "extraction.layers=[1, final]", "analysis.pool=mean"])
     cfg = parse_config(out)
-    assert cfg.sampling.num_segments == 200 and cfg.models[0].dtype == "bfloat16"
+    assert cfg.sampling.num_segments == 300 and cfg.models[0].dtype == "bfloat16"
     assert cfg.models[0].zoo == "llama-small" and cfg.models[0].revisions == ["step0"]
     assert cfg.extraction.layers == [1, "final"] and cfg.analysis.pool == "mean"
     assert BASE["models"][0] == {"name": "a", "zoo": "gpt2-tiny"}  # the input is not changed

@@ -78,7 +78,7 @@ def _cfg(folders, data, root, **over) -> dict:
     cfg = {"name": "t", "root": str(root), "models": [{"name": "m", "id": str(folders["good"])}],
            "datasets": [{"name": "d", "hf": {"path": str(data), "split": "train"}}],
            "sampling": {"num_segments": 10, "segment_length": 16, "shard_size": 5, "seed": 1},
-           "extraction": {"layers": ["final"], "device": "cpu"}}
+           "extraction": {"layers": ["final"], "device": "cpu"}, "analysis": {"bin_size": 3}}
     cfg.update(over)
     return cfg
 

@@ -38,3 +38,18 @@ def test_partition_values_are_checked():
     assert partition(model="m", revision="step10") == "model=m/revision=step10"
     with pytest.raises(DataError, match="revision"):
         partition(revision="refs/pr/1")
+
+
+def test_a_report_link_opens_in_a_browser_locally_and_on_s3(s3, tmp_path):
+    """A report on S3 is linked by a presigned HTTP URL (a browser cannot open ``s3://``)."""
+    import urllib.request
+
+    local = Store(str(tmp_path / "r"))
+    local.write_text("results/report/t.html", "<p>local</p>")
+    assert local.browser_url("results/report/t.html") == (tmp_path / "r/results/report/t.html").as_uri()
+    remote = Store("s3://dispersion-test/root")
+    remote.write_text("results/report/t.html", "<p>on s3</p>")
+    url = remote.browser_url("results/report/t.html")
+    assert url.startswith("http://127.0.0.1:") and "Signature" in url
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - a loopback moto URL
+        assert resp.read() == b"<p>on s3</p>"

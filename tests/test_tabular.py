@@ -29,8 +29,47 @@ def test_format_choice():
     assert format_for("out.JSON", None, tty=True) == "json"
     assert format_for("out.md", None, tty=False) == "markdown"
     assert format_for("out.parquet", None, tty=False) == "parquet"
-    assert format_for("out.unknown", None, tty=True) == "csv"
+    assert format_for("out.tsv", None, tty=True) == "tsv"
+    assert format_for("out.txt", None, tty=False) == "table"
     assert format_for("out.csv", "jsonl", tty=True) == "jsonl"
+    with pytest.raises(ValueError, match=r"\.csv \(csv\), \.tsv \(tsv\)"):  # not silently csv
+        format_for("out.unknown", None, tty=True)
+
+
+def test_tsv_is_tab_separated_one_line_per_row():
+    lines = render(TABLE, "tsv").splitlines()
+    assert lines[0].split("\t") == TABLE.column_names and len(lines) == 1 + TABLE.num_rows
+    assert lines[1].split("\t")[2] == "12.5" and "\n" not in lines[1].split("\t")[3]
+
+
+def _wide(n_cols: int = 15, n_rows: int = 20) -> pa.Table:
+    return pa.table({f"column_{i}": [1234.56789012 * (r + 1) / (i + 1) for r in range(n_rows)]
+                     for i in range(n_cols)})
+
+
+def test_a_terminal_table_keeps_numbers_whole_and_names_the_columns_left_out():
+    from rich.console import Console
+
+    from dispersion.report.tabular import print_table
+
+    buf = io.StringIO()
+    table = _wide()
+    print_table(table, 50, console=Console(file=buf, width=120, markup=False, no_color=True))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert len(lines) == table.num_rows + 4 + 1  # one line per row: no cell wraps; borders, header, the note
+    assert "1234.57" in lines[3] and "2469.14" in lines[4]  # 6 significant digits, whole
+    shown = [c for c in table.column_names if c in lines[1]]
+    assert lines[-1].startswith(f"({table.num_columns - len(shown)} columns not shown: column_{len(shown)}, ")
+    wide = io.StringIO()  # a console without a width limit (a pipe) shows every column
+    print_table(table, 50, console=Console(file=wide, width=10_000, markup=False, no_color=True))
+    assert all(c in wide.getvalue() for c in table.column_names) and "not shown" not in wide.getvalue()
+
+
+def test_a_txt_file_holds_every_row_and_column():
+    text = render(_wide(), "table")
+    lines = text.splitlines()
+    assert len(lines) == 20 + 4 and all(f"column_{i}" in lines[1] for i in range(15))
 
 
 def test_csv_reads_back_whole_cells():
@@ -66,5 +105,5 @@ def test_parquet_round_trip():
 def test_json_takes_duckdb_decimals():
     import duckdb
 
-    table = duckdb.sql("SELECT sum(x) AS s, avg(x)::DECIMAL(6, 2) AS a FROM range(5) t(x)").fetch_arrow_table()
+    table = duckdb.sql("SELECT sum(x) AS s, avg(x)::DECIMAL(6, 2) AS a FROM range(5) t(x)").to_arrow_table()
     assert json.loads(render(table, "json")) == [{"s": 10, "a": 2.0}]

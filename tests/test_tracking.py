@@ -32,9 +32,10 @@ def test_params_are_flat_dotted_keys_and_lists_stay_whole():
 
 def test_correlation_metrics_take_the_revision_step_and_skip_non_finite():
     got = sorted(correlation_metrics(_correlations()))
-    key = "m/prose/final/block/last/all"
+    key = "m/checkpoints/prose/final/block/last/all"
     assert ("spearman_r/" + key, -0.5, 300) in got and ("spearman_r/" + key, 0.25, 0) in got
-    assert ("pearson_r/" + key, 0.375, 0) in got            # main: no step -> 0
+    assert ("pearson_r/m/main/prose/final/block/last/all", 0.375, 0) in got  # main: a series of its own
+    assert not any(k.startswith("pearson_r/m/checkpoints") and v == 0.375 for k, v, _ in got)
     assert not any(k.startswith("spearman_p/") for k, _, _ in got)  # NaN p-values are not logged
     assert len(got) == 3 * 3
 
@@ -74,8 +75,9 @@ def test_a_run_is_read_back_from_a_local_mlflow_store(tmp_path, backend, monkeyp
     assert run.data.params == {"name": "t", "sampling.num_segments": "40"}
     assert run.data.tags["dispersion.run_id"] == "20261126T000000-abc123"
     assert run.data.tags["dispersion.root"] == store.url() and run.data.tags["dispersion.version"] == "9.9"
-    hist = client.get_metric_history(rid, "spearman_r/m/prose/final/block/last/all")
-    assert sorted((m.step, m.value) for m in hist) == [(0, 0.25), (0, 0.75), (300, -0.5)]
+    hist = client.get_metric_history(rid, "spearman_r/m/checkpoints/prose/final/block/last/all")
+    assert sorted((m.step, m.value) for m in hist) == [(0, 0.25), (300, -0.5)]
+    assert [m.value for m in client.get_metric_history(rid, "spearman_r/m/main/prose/final/block/last/all")] == [0.75]
     arts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "report")} \
         | {a.path for a in client.list_artifacts(rid, "report/t")} | {a.path for a in client.list_artifacts(rid, "tables")}
     assert {"report/t.md", "report/t/bins.png", "tables/correlations.parquet"} <= arts
@@ -84,6 +86,17 @@ def test_a_run_is_read_back_from_a_local_mlflow_store(tmp_path, backend, monkeyp
     if backend == "sqlite":
         assert (tmp_path / "mlartifacts").is_dir()  # beside the database
     assert not (tmp_path / ".." / "mlruns").exists()
+    # the same store run aggregated again (dispersion report): the one MLflow run, updated
+    again = log_run(TrackingSpec(mlflow=uri, experiment="exp"), {"name": "t", "sampling": {"num_segments": 40}},
+                    store, _correlations(), name="t", run_id="20261126T000000-abc123", version="9.9",
+                    log=lines.append)
+    assert again == rid and lines[-1].startswith(f"mlflow: resumed run {rid} ")
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    hist = client.get_metric_history(rid, "spearman_r/m/checkpoints/prose/final/block/last/all")
+    assert len(hist) == 2  # unchanged metrics are not logged twice
+    other = log_run(TrackingSpec(mlflow=uri, experiment="exp"), {"name": "t"}, store, _correlations(), name="t",
+                    run_id="20261127T000000-def456", version="9.9", log=lines.append)
+    assert other != rid and len(client.search_runs([run.info.experiment_id])) == 2  # another scan: another run
 
 
 def test_a_config_asking_for_mlflow_without_it_fails_before_any_work(monkeypatch):

@@ -25,7 +25,7 @@ from dispersion.core.errors import DataError
 from dispersion.core.ids import revision_order
 from dispersion.core.integrity import recorded
 from dispersion.core.storage import Store
-from dispersion.measure.binning import bin_table, correlations, uniform_perplexity_bins
+from dispersion.measure.binning import MIN_POINTS, bin_table, correlations, uniform_perplexity_bins
 from dispersion.measure.metrics import vendi_score
 from dispersion.report.figures import rows_of
 
@@ -143,8 +143,9 @@ def analyze_partition(store: Store, key: dict[str, str], markers: list[dict], *,
     ppl = part.feature("ppl")
     bins_rows: list[dict] = []
     corr_rows: list[dict] = []
-    if len(ppl) < 3 * bin_size:
-        return bins_rows, corr_rows
+    if len(ppl) < MIN_POINTS * bin_size:
+        raise DataError(f"analysis of {key}: {len(ppl)} segments make fewer than {MIN_POINTS} bins of "
+                        f"{bin_size} (analysis.bin_size)")
     within_done: set[tuple[str, str]] = set()
     for (layer, site, pool) in sorted(part.targets):
         if is_context_pool(pool):

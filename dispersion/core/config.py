@@ -331,6 +331,11 @@ class ScanConfig(Strict):
             raise ValueError("models and datasets must not be empty")
         return self
 
+    def check_sample_sizes(self) -> None:
+        """Refuse samples too small for what the run does with them (ConfigError naming the
+        field). A scan alone stores whatever it samples; :class:`dispersion.config.RunConfig`
+        needs enough segments to bin. Called once the models and datasets have been checked."""
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]

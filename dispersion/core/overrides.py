@@ -18,13 +18,17 @@ Validation of the result is the config's own, so errors name the field as usual.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dispersion.core.errors import ConfigError
+from dispersion.core.ids import step_of
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -68,13 +72,57 @@ def model_entry(spec: str) -> dict[str, Any]:
         if revisions is not None:
             entry["revisions"] = "all" if revisions == ["all"] else revisions
         return entry
-    try:
-        ref, revisions = split_revision(body)
-    except ValueError as err:
-        raise ConfigError(f"--model {err}") from None
+    if looks_like_path(body) and os.path.isdir(os.path.expanduser(body)):
+        ref, revisions = body, None  # a folder whose name holds an '@'
+    else:
+        try:
+            ref, revisions = split_revision(body)
+        except ValueError as err:
+            raise ConfigError(f"--model {err}") from None
     if not ref:
         raise ConfigError("--model: empty model id")
+    if looks_like_path(ref):
+        return _folder_entry(spec, name, ref, revisions)
     entry = {"name": name or _name_of(ref), "id": ref}
+    if revisions is not None:
+        entry["revisions"] = revisions
+    return entry
+
+
+def looks_like_path(ref: str) -> bool:
+    """Whether a model reference is a local folder rather than a hub id (``org/name``): it
+    starts with ``/``, ``.`` or ``~``, has more than one ``/``, or names an existing folder (or
+    its first part does). A hub id has at most one ``/`` and starts with neither."""
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref:
+        return True
+    return os.path.isdir(os.path.expanduser(ref)) or ("/" in ref and os.path.isdir(ref.split("/", 1)[0]))
+
+
+def folder_model_name(folder: Path) -> str:
+    """A readable name for a local model folder: the GGUF file it was converted from
+    (``gguf.json``), else the hub id it was saved from (``_name_or_path`` of ``config.json``),
+    else the folder's own name."""
+    for meta, key in (("gguf.json", "gguf"), ("config.json", "_name_or_path")):
+        try:
+            value = json.loads((folder / meta).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value and not looks_like_path(value):
+            return _name_of(value.removesuffix(".gguf"))
+    return _name_of(str(folder.resolve()))
+
+
+def _folder_entry(spec: str, name: str | None, ref: str, revisions: list[str] | None) -> dict[str, Any]:
+    """A local folder as a ``models`` entry. A checkpoint folder (``.../gpt2-tiny/step300``:
+    a name with a training step, under a folder) is its parent at that revision, so that
+    ``step`` and the model name are those of the checkpoint series."""
+    folder = Path(os.path.expanduser(ref))
+    if not folder.is_dir():
+        raise ConfigError(f"--model {spec}: no such model folder {ref!r}")
+    parent = folder.resolve().parent
+    if revisions is None and step_of(folder.name) is not None and parent != folder.resolve():
+        return {"name": name or folder_model_name(parent), "id": str(parent), "revisions": [folder.name]}
+    entry: dict[str, Any] = {"name": name or folder_model_name(folder), "id": ref}
     if revisions is not None:
         entry["revisions"] = revisions
     return entry

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -173,6 +174,17 @@ class Store:
         """A URL other tools (DuckDB, Polars) can open."""
         full = self.path(rel) if rel else self.base
         return full if self.local else self.fs.unstrip_protocol(full)
+
+    def browser_url(self, rel: str, seconds: int = 7 * 24 * 3600) -> str:
+        """A URL a web browser opens: ``file://`` for a local root, a presigned HTTP(S) URL valid
+        for ``seconds`` on S3 (its endpoint's, so a local S3 server's too); the store URL where
+        the store cannot sign."""
+        if self.local:
+            return Path(self.path(rel)).resolve().as_uri()
+        try:
+            return str(self.fs.sign(self.path(rel), expiration=seconds))
+        except (NotImplementedError, AttributeError, ValueError):
+            return self.url(rel)
 
     def check(self) -> None:
         """Fail early, in one line, when the root cannot be used (missing bucket, no

@@ -21,6 +21,8 @@ import numpy as np
 
 from dispersion.measure.metrics import as_numpy, cosine_dispersion
 
+MIN_POINTS = 3  # the fewest paired values (bins) a correlation is computed over
+
 __all__ = [
     "BinTable",
     "Bins",
@@ -344,8 +346,8 @@ def correlations(x: Any, y: Any) -> dict[str, float | int]:
     b = _as_vector(y, "y")
     if a.size != b.size:
         raise ValueError(f"x and y must have the same length, got {a.size} and {b.size}")
-    if a.size < 3:
-        raise ValueError(f"need at least 3 paired values for a correlation, got n={a.size}")
+    if a.size < MIN_POINTS:
+        raise ValueError(f"need at least {MIN_POINTS} paired values for a correlation, got n={a.size}")
     for name, v in (("x", a), ("y", b)):
         if np.all(v == v[0]):
             raise ValueError(f"{name} is constant; correlation is undefined")

@@ -25,6 +25,7 @@ from typing import Any
 
 from dispersion.core.errors import ModelError
 from dispersion.core.ids import digest
+from dispersion.core.overrides import looks_like_path
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -42,14 +43,12 @@ class ModelSource:
         return self.location if self.local else f"{self.location}@{self.revision}"
 
 
-def _looks_local(model_id: str) -> bool:
-    return model_id.startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(model_id))
 
 
 def resolve_source(model_id: str, revision: str | None, *, field: str = "id",
                    trust_remote_code: bool = False) -> ModelSource:
     """Resolve a configured model id and revision to a loadable source (see module doc)."""
-    if _looks_local(model_id):
+    if looks_like_path(model_id):
         root = Path(os.path.expanduser(model_id))
         if not root.is_dir():
             raise ModelError(f"{field}: no such model folder {model_id!r}")
@@ -65,6 +64,53 @@ def resolve_source(model_id: str, revision: str | None, *, field: str = "id",
             raise ModelError(f"{field}: {str(path)!r} has no config.json (not a model folder)")
         return ModelSource(str(path), None, True, trust_remote_code)
     return ModelSource(model_id, revision or "main", False, trust_remote_code)
+
+
+def _hub_offline_reason() -> str | None:
+    """Why the hub cannot be asked now (``None``: it can): ``HF_HUB_OFFLINE`` is set, or its
+    endpoint (``HF_ENDPOINT``, default huggingface.co) does not accept a connection within a
+    few seconds. Behind a proxy (``HTTPS_PROXY``) the hub is taken as reachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{host}:{port} is not reachable ({err.strerror or type(err).__name__})"
+    return None
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def check_hub_source(source: ModelSource, field: str = "id") -> None:
+    """Fail at once, in one line, when a hub model can be neither read from the local hub
+    cache nor downloaded (offline): instead of the retries of every later hub call."""
+    if source.local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even name: the hub decides
+        cached = None
+    if isinstance(cached, str):
+        return
+    reason = _hub_offline_reason()
+    if reason is None:
+        return
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    raise ModelError(f"{field}: {source.describe()!r} is not a local folder, not in the hub cache ({HF_HUB_CACHE}) "
+                     f"and the hub cannot be asked ({reason}); download it where there is a network "
+                     f"(hf download {source.location} --revision {source.revision} --local-dir DIR) and give "
+                     f"the folder (--model NAME=DIR), or set HF_HOME to a cache that holds it")
 
 
 def source_fingerprint(source: ModelSource) -> str:

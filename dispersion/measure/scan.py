@@ -34,7 +34,13 @@ from dispersion.core.integrity import CHECKSUMS, check_marker, recorded
 from dispersion.core.leases import LEASE_SECONDS
 from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
 from dispersion.measure.corpus import dataset_key, document_source
-from dispersion.measure.modeling import ModelSource, load_tokenizer, resolve_source, source_fingerprint
+from dispersion.measure.modeling import (
+    ModelSource,
+    check_hub_source,
+    load_tokenizer,
+    resolve_source,
+    source_fingerprint,
+)
 from dispersion.measure.sampling import sample_key, sample_segments, shard_slices, tokenizer_fingerprint
 from dispersion.measure.units import run_units
 from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
@@ -166,6 +172,7 @@ def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None
         for rev in revisions:
             src = resolve_source(model_id, rev, field=f"{fld}.{'zoo' if spec.zoo else 'id'}",
                                  trust_remote_code=spec.trust_remote_code)
+            check_hub_source(src, field=f"{fld}.id")
             out.append(ModelRevision(spec.name, rev, src, spec.dtype, fld, source_fingerprint(src),
                                      spec.num_segments))
     return out
@@ -295,6 +302,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         if tkey not in tok_cache:
             tok = load_tokenizer(mr.source, field=mr.field)
             tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
+    config.check_sample_sizes()
     publish: list[Callable[[], None]] = []  # every missing sample is drawn before any is written
     for mr in mrs:
         tok, fp = tok_cache[(mr.source.location, mr.source.revision)]

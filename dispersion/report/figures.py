@@ -35,6 +35,7 @@ CATEGORICAL = "tab10"
 FONT = {"title": 9.0, "label": 8.0, "tick": 7.0, "legend": 7.5, "note": 6.5, "suptitle": 10.5}
 TICKS: dict[str, Any] = {"direction": "out", "length": 3.0, "width": 0.6, "pad": 2.0, "labelsize": FONT["tick"]}
 GRID: dict[str, Any] = {"color": "#e3e3e3", "linewidth": 0.5}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # with colour, so that series differ without it too
 NOTE_GID = "spearman"  # the gid of every rho/p/n annotation (searchable in the SVG)
 
 

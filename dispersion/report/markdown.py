@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from dispersion.core.ids import revision_order
 from dispersion.core.layout import REPORT, report_path
 from dispersion.core.storage import Store
-from dispersion.report.figures import Figure, figure_files, revision_colors, spearman
+from dispersion.report.figures import MARKERS, Figure, figure_files, revision_colors, spearman
 
 
 def md_table(table: pa.Table, columns: list[str], limit: int = 40) -> str:
@@ -62,6 +62,7 @@ def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: 
     datasets = _unique(bins, "dataset")
     rows = [(s, m) for m in models for s in scopes]  # the first model (the config's first) leads
     colors = revision_colors(_unique(bins, "revision"))
+    markers = {rev: MARKERS[i % len(MARKERS)] for i, rev in enumerate(sorted(colors, key=revision_order))}
     fig = Figure(len(rows), len(datasets))
     for r, (scope, model) in enumerate(rows):
         view = _filter(main_view(bins, layer, site, pool, scope), model=model)
@@ -75,13 +76,14 @@ def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: 
                     continue
                 x = t["mean_ppl"].to_numpy()
                 y = t["dispersion"].to_numpy()
-                ax.plot(x, y, "o-", ms=3, lw=1, color=colors[rev], label=rev)
+                ax.plot(x, y, ls="-", marker=markers[rev], ms=3.5, lw=1, color=colors[rev], label=rev)
                 rhos.append((None, colors[rev], spearman(x, y)))
-            fig.style(ax, f"{model} · {ds} · {scope}", "bin mean perplexity",
+            what = f"across segments, {pool} pool" if scope == "across" else "within segments, token states"
+            fig.style(ax, f"{model} · {ds} · {what}", "bin mean perplexity (log scale)",
                       "avg pairwise cosine distance" if scope == "across" else "within-segment dispersion", logx=True)
             fig.annotate(ax, rhos)
     fig.legend("revision")
-    return fig.render(f"Perplexity vs dispersion (layer {layer}, site {site}, pool {pool})")
+    return fig.render(f"Perplexity vs dispersion (layer {layer}, site {site})")
 
 
 def _fmt(x: float | None) -> str:
@@ -132,7 +134,7 @@ def print_tables(bins: pa.Table, corr: pa.Table, *, layer: str, site: str, pool:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(markup=False)
     for scope in ("across", "within"):
         view = main_view(bins, layer, site, pool, scope)
         for model in sorted(_unique(view, "model"), key=rank):
@@ -174,7 +176,11 @@ def sections_markdown(name: str, sections) -> str:
 
 
 def _p(p: float | None) -> str:
-    return "n/a" if p is None or not np.isfinite(p) else f"{p:.2g}"
+    """A p-value to two digits, below 0.001 as ``< 0.001`` (the asymptotic p of a correlation over
+    a few bins is not meaningful to 60 decimals)."""
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return "< 0.001" if p < 1e-3 else f"{p:.2g}"
 
 
 def findings_markdown(corr: pa.Table, *, layer: str, site: str, pool: str, model_order: Sequence[str] = (),

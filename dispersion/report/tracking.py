@@ -2,23 +2,27 @@
 
 Off by default. ``tracking.mlflow`` (a tracking URI: ``sqlite:///mlflow.db``, ``file:./mlruns``,
 ``http://host:5000``; on the command line ``-o tracking.mlflow=URI``) turns it on; each
-aggregation of a run (``dispersion scan``, ``dispersion analyze``, the flows) then logs one MLflow
-run in the experiment ``tracking.experiment``:
+aggregation of a run (``dispersion scan``, ``dispersion analyze``, the flows) then logs to the
+MLflow run of that store run in the experiment ``tracking.experiment``:
 
 - **params**: the run config flattened to dotted keys (``sampling.num_segments``, ...; lists of
   mappings such as ``models`` as JSON), MLflow's 6000-character value limit respected;
 - **tags**: ``dispersion.run_id`` (the manifest's run id), ``dispersion.root``,
   ``dispersion.version``, ``dispersion.config`` (the name);
 - **metrics**: every correlation row, ``{spearman,pearson}_{r,p}`` keyed
-  ``<stat>/<model>/<dataset>/<layer>/<site>/<pool>/<bins>`` with the revision's training step
-  as MLflow's step (``step300`` -> 300; ``main`` and hashes -> 0), so a checkpoint sweep draws as
-  a curve in the MLflow UI;
+  ``<stat>/<model>/checkpoints/<dataset>/<layer>/<site>/<pool>/<bins>`` with the revision's
+  training step as MLflow's step (``step300`` -> 300), so a checkpoint sweep draws as a curve
+  in the MLflow UI; a revision without a step (``main``, a hash) is a series of its own,
+  ``<stat>/<model>/<revision>/...``, not a point at step 0 of the checkpoints' curve;
 - **artifacts**: the report (Markdown, HTML, figures in every format written) under ``report/``
   and the run's result tables under ``tables/``.
 
 MLflow is an optional dependency (``pip install mlflow-skinny``); asking for tracking without it
-is a one-line error. The local file store of MLflow 3 (``file:`` URIs) is in maintenance mode and
-needs ``MLFLOW_ALLOW_FILE_STORE=true`` from MLflow 3.13 on; it is set for ``file:`` URIs here.
+is a one-line error. One store run (its run id) is one MLflow run: aggregating the same scan
+again (``dispersion report``, ``analyze``) updates that run (params and metrics that changed,
+the artifacts) instead of adding a second of the same name. The local file store of MLflow 3
+(``file:`` URIs) is in maintenance mode and needs ``MLFLOW_ALLOW_FILE_STORE=true`` from MLflow
+3.13 on; it is set for ``file:`` URIs here.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pydantic import Field, model_validator
 
 from dispersion.core.config import Strict
 from dispersion.core.errors import ConfigError
-from dispersion.core.ids import step_of
+from dispersion.core.ids import digest, step_of
 from dispersion.core.layout import REPORT, result_path
 from dispersion.core.storage import Store
 
@@ -45,6 +49,7 @@ MAX_PARAM = 6000     # MLflow's limit on a param value
 BATCH = 100          # params per log_batch call (MLflow's limit); metrics go 1000 at a time
 STATS = ("spearman_r", "spearman_p", "pearson_r", "pearson_p")
 METRIC_KEYS = ("model", "dataset", "layer", "site", "pool", "bins")
+CHECKPOINTS = "checkpoints"  # the revision part of the metric key of every revision with a step
 
 
 class TrackingSpec(Strict):
@@ -95,14 +100,20 @@ def _metric_part(value: object) -> str:
 
 
 def correlation_metrics(correlations: pa.Table) -> Iterator[tuple[str, float, int]]:
-    """``(key, value, step)`` for each finite statistic of each correlation row."""
+    """``(key, value, step)`` for each finite statistic of each correlation row. Checkpoints
+    (revisions naming a training step) share the key part :data:`CHECKPOINTS` and differ in
+    step; a revision without a step has its own name in the key (MLflow's step is then 0, the
+    one point of that series)."""
     for r in correlations.to_pylist():
-        key = "/".join(_metric_part(r[k]) for k in METRIC_KEYS if k in r)
-        step = step_of(str(r.get("revision", ""))) or 0
+        revision = str(r.get("revision", ""))
+        step = step_of(revision)
+        parts = [r[k] for k in METRIC_KEYS if k in r]
+        parts.insert(1, CHECKPOINTS if step is not None else revision)
+        key = "/".join(_metric_part(p) for p in parts)
         for stat in STATS:
             v = r.get(stat)
             if v is not None and math.isfinite(v):
-                yield f"{stat}/{key}", float(v), step
+                yield f"{stat}/{key}", float(v), step or 0
 
 
 def _client(uri: str):
@@ -147,17 +158,26 @@ def log_run(spec: TrackingSpec, config: dict[str, Any], store: Store, correlatio
             "dispersion.root": store.url(), "dispersion.version": version}
     if run_id:
         tags["dispersion.run_id"] = run_id
-    run = client.create_run(exp_id, tags=tags)
+    run = _same_run(client, exp_id, tags) if run_id else None
+    resumed = run is not None
+    if run is None:
+        run = client.create_run(exp_id, tags=tags)
     rid = run.info.run_id
     try:
+        logged = run.data.params if resumed else {}
         params = [Param(k, v) for k, v in flat_params(config).items()]
-        for i in range(0, len(params), BATCH):
-            client.log_batch(rid, params=params[i:i + BATCH])
+        new_params = [p for p in params if logged.get(p.key) != p.value]
+        for i in range(0, len(new_params), BATCH):
+            client.log_batch(rid, params=new_params[i:i + BATCH])
         stamp = int(run.info.start_time)
-        metrics = [Metric(k, v, stamp, s) for k, v, s in correlation_metrics(correlations)]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(rid, metrics=metrics[i:i + 1000])
-        client.log_batch(rid, tags=[RunTag("dispersion.metrics", str(len(metrics)))])
+        values = sorted(correlation_metrics(correlations))
+        metrics = [Metric(k, v, stamp, s) for k, v, s in values]
+        fingerprint = digest(values)
+        if not (resumed and run.data.tags.get("dispersion.metrics_digest") == fingerprint):
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(rid, metrics=metrics[i:i + 1000])
+        client.log_batch(rid, tags=[RunTag("dispersion.metrics", str(len(metrics))),
+                                    RunTag("dispersion.metrics_digest", fingerprint)])
         n_files = 0
         if spec.artifacts:
             with tempfile.TemporaryDirectory(prefix="dispersion-mlflow-") as tmp:
@@ -175,7 +195,18 @@ def log_run(spec: TrackingSpec, config: dict[str, Any], store: Store, correlatio
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
-    log(f"mlflow: run {rid} in experiment {spec.experiment!r} at {spec.mlflow}: {len(params)} params, "
-        f"{len(metrics)} metrics, {n_files} artifacts")
+    log(f"mlflow: {'resumed ' if resumed else ''}run {rid} in experiment {spec.experiment!r} at {spec.mlflow}: "
+        f"{len(params)} params, {len(metrics)} metrics, {n_files} artifacts")
     return rid
+
+
+def _same_run(client, exp_id: str, tags: dict[str, str]):
+    """The MLflow run already logged for this store run (same run id, config name and root):
+    a second ``dispersion report`` of one scan updates it instead of adding a duplicate."""
+    def quoted(v: str) -> str:
+        return v.replace("'", "\\'")
+
+    found = client.search_runs([exp_id], max_results=1, filter_string=" and ".join(
+        f"tags.`{k}` = '{quoted(tags[k])}'" for k in ("dispersion.run_id", "dispersion.config", "dispersion.root")))
+    return found[0] if found else None
 
