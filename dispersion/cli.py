@@ -392,6 +392,15 @@ def main() -> None:
     except DispersionError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(1)
+    except OSError as err:  # a write outside the root (caches, temporary files) refused by the system
+        from dispersion.core.errors import STORAGE_ERRNOS
+
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        typer.echo(f"error: {err.strerror or err}:{where}; make room (or fix the folder), then run the same "
+                   f"command again: finished units are kept", err=True)
+        sys.exit(1)
     except KeyboardInterrupt as err:
         typer.echo(interrupted_line(err), err=True)
         sys.exit(130)

@@ -34,6 +34,30 @@ class IntegrityError(DataError):
                 f"every missing or damaged unit (`dispersion verify` lists the damaged files)")
 
 
+class StorageError(DispersionError):
+    """The root refused a write for a reason of its own (full, over quota, read-only, not
+    writable, failing): nothing half-written stays, and a rerun resumes once it is fixed."""
+
+
+# errno -> what the one line says (the object-store equivalents arrive as PermissionError / OSError)
+STORAGE_ERRNOS = {28: "no space left on the device holding", 122: "disk quota exceeded on",
+                  30: "read-only file system holding", 13: "permission denied writing into",
+                  5: "I/O error on the device holding"}
+
+
+def storage_error(err: OSError, root: str, rel: str, nbytes: int | None = None) -> StorageError | None:
+    """The one-line :class:`StorageError` for an OS error of :data:`STORAGE_ERRNOS` while
+    publishing ``rel`` under ``root``; ``None`` for any other error."""
+    what = STORAGE_ERRNOS.get(err.errno or -1)
+    if what is None and isinstance(err, PermissionError):
+        what = STORAGE_ERRNOS[13]
+    if what is None:
+        return None
+    need = f"{nbytes:,} bytes needed for {rel}" if nbytes is not None else f"writing {rel}"
+    return StorageError(f"{what} {root}: {need}; make room (or fix the root), then run the same command again: "
+                        f"finished units are kept")
+
+
 class Terminated(BaseException):
     """The process received SIGTERM (what Ray, Prefect, Kubernetes and Slurm send to stop a job):
     raised like ``KeyboardInterrupt`` so that every ``finally`` runs (leases released, temporary

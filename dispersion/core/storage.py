@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dispersion.core.errors import DataError, IntegrityError, first_line
+from dispersion.core.errors import DataError, IntegrityError, StorageError, first_line, storage_error
 from dispersion.core.ids import checksum
 
 FEATURE_BASE = [
@@ -68,7 +68,8 @@ def vector_column(v: np.ndarray) -> pa.FixedSizeListArray:
 
 
 CREATE_ATTEMPTS = 20  # tries of a local exclusive create whose folder other runs' releases prune meanwhile
-RETRY_SECONDS = 60.0  # how long an object-store call is retried through an outage
+# how long an object-store call is retried through an outage (``DISPERSION_STORE_RETRY_S``)
+RETRY_SECONDS = float(os.environ.get("DISPERSION_STORE_RETRY_S") or 60.0)
 
 
 def arrow_bytes(data: bytes) -> pa.Buffer:
@@ -119,8 +120,12 @@ def _retrying(method):
             except (FileNotFoundError, PermissionError, DataError):
                 raise
             except Exception as err:  # noqa: BLE001 - botocore/aiohttp errors have no common base
-                if _is_credentials_error(err) or time.monotonic() + delay > deadline:
+                if _is_credentials_error(err):
                     raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(f"{self.url()} did not answer for {RETRY_SECONDS:.0f} s ({_first_line(err)}); "
+                                       f"run the same command again when it is back: finished units are "
+                                       f"kept") from err
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
     return wrapper
@@ -228,8 +233,17 @@ class Store:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    @_retrying
     def _publish(self, rel: str, data: bytes) -> None:
+        try:
+            self._publish_retrying(rel, data)
+        except OSError as err:  # full, over quota, read-only, refused: one line (the temporary file is gone)
+            refused = storage_error(err, self.url(), rel, len(data))
+            if refused is None:
+                raise
+            raise refused from None
+
+    @_retrying
+    def _publish_retrying(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         if not self.local:
             self.fs.pipe_file(final, data)
@@ -409,9 +423,18 @@ class Store:
         bucket, key, _ = self.fs.split_path(self.path(rel))
         return {"Bucket": bucket, "Key": key}
 
-    @_retrying
     def create(self, rel: str, data: bytes) -> str | None:
         """Write ``rel`` only if nothing is there; its version tag, or ``None`` if it exists."""
+        try:
+            return self._create(rel, data)
+        except OSError as err:
+            refused = storage_error(err, self.url(), rel, len(data))
+            if refused is None:
+                raise
+            raise refused from None
+
+    @_retrying
+    def _create(self, rel: str, data: bytes) -> str | None:
         final = self.path(rel)
         if self.local:
             parent, name = final.rsplit("/", 1)

@@ -16,6 +16,7 @@ retries, split the units instead of each running all of them.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 import uuid
@@ -178,8 +179,9 @@ def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None
     return out
 
 
-def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
-    """Fail before any work if the layers or the segment length do not fit the model."""
+def _check_model_config(mr: ModelRevision, config: ScanConfig) -> tuple[int, int]:
+    """Fail before any work if the layers or the segment length do not fit the model; returns
+    (hidden size, number of layers extracted), what a vector shard's size follows."""
     from transformers import AutoConfig
 
     from dispersion.measure.modeling import max_positions
@@ -198,13 +200,51 @@ def _check_model_config(mr: ModelRevision, config: ScanConfig) -> None:
         raise ModelError(f"{mr.field}: {mr.source.describe()!r} is {problem}; only causal language models "
                          f"(decoders) can be scanned")
 
-    layer_names(config.extraction.layers, num_layers(cfg))  # raises naming extraction.layers
+    names = layer_names(config.extraction.layers, num_layers(cfg))  # raises naming extraction.layers
     limit = max_positions(cfg)
     need = config.sampling.segment_length + int(config.extraction.prepend_bos)
     if limit is not None and need > limit:
         raise ConfigError(f"sampling.segment_length: {config.sampling.segment_length} tokens"
                           f"{' + BOS' if config.extraction.prepend_bos else ''} exceed the context of "
                           f"{mr.model}@{mr.revision} ({limit})")
+    hidden = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model")
+                   if isinstance(getattr(cfg, k, None), int)), 0)
+    return hidden, len(names)
+
+
+def publish_bytes(unit: WorkUnit, hidden: int, n_layers: int) -> int:
+    """About how many bytes one unit publishes: a float16 vector of ``hidden`` values and three
+    scalars per segment and target (layer x site x pool or context length), and the features."""
+    ex = unit.extraction or ExtractionSpec()
+    targets = n_layers * len(ex.sites) * (len(ex.pools) + len(ex.context_lengths))
+    return unit.n_rows * (targets * (2 * hidden + 24) + 64 + 16 * len(ex.context_lengths))
+
+
+def warn_if_short_of_space(units: list[WorkUnit], widths: dict[str, tuple[int, int]], store: Store,
+                           log: Callable[[str], None]) -> int:
+    """On a local root, one warning line when the units not done yet will publish more than
+    the free space of the device holding it; returns the estimate (bytes)."""
+    import shutil
+
+    if not store.local:
+        return 0
+    need = sum(publish_bytes(u, *widths[u.mr.field]) for u in units if not store.exists(u.marker_rel))
+    folder = store.base
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        log(f"warning: this scan will publish about {_size(need)} into {store.url()}, which has {_size(free)} free: "
+            f"it stops with 'no space left' when the device is full (finished units are kept)")
+    return need
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
@@ -293,8 +333,9 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     seg_cache: dict[tuple[str, int], dict[str, SegmentSet]] = {}
     tok_cache: dict[tuple, tuple] = {}
     mrs = model_revisions(config, log=log)
+    widths: dict[str, tuple[int, int]] = {}
     for mr in mrs:
-        _check_model_config(mr, config)
+        widths[mr.field] = _check_model_config(mr, config)
         if sample:
             check_weights(mr.source, field=mr.field)
     for mr in mrs:  # every tokenizer loads before anything is sampled
@@ -315,6 +356,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         for seg in seg_cache[(fp, n)].values():
             units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction)
                          for k in range(len(seg.shard_rows)))
+    if sample:
+        warn_if_short_of_space(units, widths, store, log)
     for write in publish:
         write()
     return units
