@@ -8,6 +8,7 @@ has a timeout, and everything started here is stopped in a ``finally``."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -214,6 +215,11 @@ def test_local_stack_up_status_down(tmp_path, ray_tmp):
                        plain, 60)
             assert out.returncode == 0, name + out.stdout + out.stderr
 
+        # every deployment infra/README's stack block runs exists, and its `status` line runs as written
+        block = (ROOT / "infra/README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+        named = re.findall(r"prefect deployment run '([^']+)'", block)
+        assert named and set(named) <= set(deployed), named
+        assert "bash infra/stack.sh status" in block
         again = _run([*script, "up"], env, 60)  # already up: a no-op
         assert again.returncode == 0 and "already up" in again.stderr
     finally:
