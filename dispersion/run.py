@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from dispersion.analyses import STEPS, StepContext
 from dispersion.analyses.bins import analyze
+from dispersion.analyses.claims import claims_markdown, claims_table
 from dispersion.analyses.registry import Planned, report_sections, run_steps
 from dispersion.config import RunConfig
 from dispersion.core.catalog import build_catalog
@@ -49,15 +50,19 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     the report, and the catalog."""
     a = config.analysis
     vendi = a.enabled("vendi") if only is None else "vendi" in only
-    tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi)
+    tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi, boot=a.bootstrap)
     for name, table in tables.items():
         store.write_table(result_path(name, config.name), table)
-    run_steps(STEPS, StepContext(config, store, units, dict(tables), log=log, planned=dict(planned or {}),
-                                 progress=progress, runner=run_units), only=only)
+    ctx = StepContext(config, store, units, dict(tables), log=log, planned=dict(planned or {}),
+                      progress=progress, runner=run_units)
+    run_steps(STEPS, ctx, only=only)
+    tables["claims"] = claims_table(ctx)  # every claim the run can test, its stored steps' tables included
+    store.write_table(result_path("claims", config.name), tables["claims"])
     sections = report_sections(STEPS, store, config.name)
     layer = str(a.layer)
     report = publish_report(store, config.name, tables["bins"], tables["correlations"],
                             layer=layer, site=a.site, pool=a.pool, sections=sections,
+                            claims=claims_markdown(tables["claims"], a.bootstrap.level),
                             model_order=[m.name for m in config.models], meta=run_meta(config, store, units))
     catalog = build_catalog(store)
     if config.tracking.mlflow is not None:

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dispersion.analyses.registry import BootstrapSpec
 from dispersion.core.errors import DataError
-from dispersion.core.ids import revision_order
+from dispersion.core.ids import digest, revision_order
 from dispersion.core.integrity import recorded
 from dispersion.core.storage import Store
-from dispersion.measure.binning import MIN_POINTS, bin_table, correlations, uniform_perplexity_bins
+from dispersion.measure.binning import MIN_POINTS, bin_table, correlations, make_bins, uniform_perplexity_bins
+from dispersion.measure.bootstrap import bootstrap_binned, bootstrap_p, eq1_jackknife_se, interval, mean_se
 from dispersion.measure.metrics import vendi_score
 from dispersion.report.figures import rows_of
 
@@ -35,6 +37,7 @@ BIN_SCHEMA = pa.schema([
     ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
     ("bin", pa.int32()), ("n", pa.int32()), ("mean_ppl", pa.float64()), ("median_ppl", pa.float64()),
     ("dispersion", pa.float64()), ("vendi", pa.float64()), ("selected", pa.bool_()),
+    ("dispersion_se", pa.float64()),  # the bin's standard error: jackknife of Eq. 1 (across), s/sqrt(n) (within)
 ])
 CORR_SCHEMA = pa.schema([
     ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("sample", pa.string()),
@@ -42,6 +45,9 @@ CORR_SCHEMA = pa.schema([
     ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
     ("bins", pa.string()), ("n_bins", pa.int32()), ("pearson_r", pa.float64()), ("pearson_p", pa.float64()),
     ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # Spearman's bootstrap interval
+    ("pearson_ci_low", pa.float64()), ("pearson_ci_high", pa.float64()), ("n_boot", pa.int32()),
+    ("ci_level", pa.float64()), ("boot_p", pa.float64()),  # two-sided bootstrap p of Spearman's rho = 0
 ])
 
 
@@ -102,11 +108,21 @@ class Partition:
         return _vectors(tab)[order], within
 
 
+def boot_seed(boot: BootstrapSpec, row_key: dict) -> int:
+    """The resamples' seed of a partition: ``boot.seed`` and the partition's key, so every
+    layer, site and pool of one partition is resampled alike (paired intervals)."""
+    return boot.seed + int(digest({k: row_key.get(k) for k in PARTITION_KEYS}), 16)
+
+
 def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | None,
            vectors: np.ndarray | None = None, within: np.ndarray | None = None,
-           vendi: bool = False) -> tuple[list[dict], list[dict]]:
+           vendi: bool = False, boot: BootstrapSpec | None = None) -> tuple[list[dict], list[dict]]:
     """Bin rows and correlation rows of one scope: ``vectors`` (across, Eq. 1 per bin, and the
-    Vendi score per bin when ``vendi``) or ``within`` (mean within-segment dispersion)."""
+    Vendi score per bin when ``vendi``) or ``within`` (mean within-segment dispersion). With
+    ``boot`` (``n`` > 0) each correlation row carries its bootstrap intervals
+    (:func:`dispersion.measure.bootstrap.bootstrap_binned`): ``ci_low``/``ci_high`` of
+    Spearman's rho, ``pearson_ci_low``/``pearson_ci_high``, ``n_boot`` resamples kept and
+    ``boot_p``, the two-sided bootstrap p-value of rho = 0."""
     try:
         table = bin_table(ppl, bin_size=bin_size, vectors=vectors, within=within)
         vs = bin_table(ppl, bin_size=bin_size, vectors=vectors, metric=vendi_score).across \
@@ -116,12 +132,17 @@ def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | 
     disp = table.across if vectors is not None else table.within
     if disp is None:
         raise TypeError("binned: pass vectors (across scope) or within (within scope)")
+    members = make_bins(ppl, bin_size=bin_size).members
+    per_bin = vectors if vectors is not None else within
+    assert per_bin is not None
+    se = [eq1_jackknife_se(per_bin[m]) if vectors is not None else mean_se(per_bin[m]) for m in members]
     selected = np.zeros(len(disp), np.bool_)
     if select_bins is not None:
         selected[uniform_perplexity_bins(table.mean_ppl, select_bins)] = True
     bins_rows = [{**row_key, "bin": b, "n": int(table.n[b]), "mean_ppl": float(table.mean_ppl[b]),
                   "median_ppl": float(table.median_ppl[b]), "dispersion": float(disp[b]),
-                  "vendi": float(vs[b]) if vs is not None else None, "selected": bool(selected[b])}
+                  "vendi": float(vs[b]) if vs is not None else None, "selected": bool(selected[b]),
+                  "dispersion_se": se[b]}
                  for b in range(len(disp))]
     corr_rows = []
     subsets = [("all", np.ones(len(disp), np.bool_))] + ([("selected", selected)] if select_bins else [])
@@ -133,11 +154,21 @@ def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | 
         corr_rows.append({**row_key, "bins": name, "n_bins": c["n"], "pearson_r": c["pearson_r"],
                           "pearson_p": c["pearson_p"], "spearman_r": c["spearman_r"],
                           "spearman_p": c["spearman_p"]})
+    if boot is not None and boot.n > 0 and corr_rows:
+        resampled = bootstrap_binned(ppl, bin_size=bin_size, vectors=vectors, within=None if vectors is not None
+                                     else within, n_boot=boot.n, seed=boot_seed(boot, row_key), select_k=select_bins)
+        for row in corr_rows:
+            rho = interval(resampled[row["bins"]]["spearman_r"], boot.level)
+            r = interval(resampled[row["bins"]]["pearson_r"], boot.level)
+            row.update(ci_low=rho.low, ci_high=rho.high, pearson_ci_low=r.low, pearson_ci_high=r.high,
+                       n_boot=rho.n_boot, ci_level=boot.level,
+                       boot_p=bootstrap_p(resampled[row["bins"]]["spearman_r"]))
     return bins_rows, corr_rows
 
 
 def analyze_partition(store: Store, key: dict[str, str], markers: list[dict], *, bin_size: int,
-                      select_bins: int | None, vendi: bool = False) -> tuple[list[dict], list[dict]]:
+                      select_bins: int | None, vendi: bool = False,
+                      boot: BootstrapSpec | None = None) -> tuple[list[dict], list[dict]]:
     """Bin rows and correlation rows for one (model@revision, dataset sample, spec)."""
     part = Partition(store, key, markers)
     ppl = part.feature("ppl")
@@ -159,7 +190,7 @@ def analyze_partition(store: Store, key: dict[str, str], markers: list[dict], *,
                 scopes.append(("within", "tokens", {"within": within}))
         for scope, scope_pool, kwargs in scopes:
             row_key = {**key, "layer": layer, "site": site, "pool": scope_pool, "scope": scope}
-            b, c = binned(row_key, ppl, bin_size=bin_size, select_bins=select_bins, **kwargs)
+            b, c = binned(row_key, ppl, bin_size=bin_size, select_bins=select_bins, boot=boot, **kwargs)
             bins_rows += b
             corr_rows += c
     return bins_rows, corr_rows
@@ -181,14 +212,15 @@ PARTITION_KEYS = ("model", "revision", "dataset", "sample", "spec")
 
 
 def analyze(store: Store, units: Iterable, *, bin_size: int, select_bins: int | None,
-            vendi: bool = False) -> dict[str, pa.Table]:
+            vendi: bool = False, boot: BootstrapSpec | None = None) -> dict[str, pa.Table]:
     """Bins and correlations for every (model@revision, dataset sample, spec) of the given
     work units (dispersion.measure.scan.WorkUnit), all of which must be done."""
     all_bins: list[dict] = []
     all_corr: list[dict] = []
     for values, markers in partitions(store, units).items():
         key = dict(zip(PARTITION_KEYS, values))
-        b, c = analyze_partition(store, key, markers, bin_size=bin_size, select_bins=select_bins, vendi=vendi)
+        b, c = analyze_partition(store, key, markers, bin_size=bin_size, select_bins=select_bins, vendi=vendi,
+                                 boot=boot)
         all_bins.extend(b)
         all_corr.extend(c)
     return {"bins": pa.Table.from_pylist(all_bins, schema=BIN_SCHEMA),

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dispersion.analyses.bins import BIN_SCHEMA, CORR_SCHEMA, PARTITION_KEYS, Partition, binned, partitions
-from dispersion.analyses.registry import Section, Step, StepContext
+from dispersion.analyses.registry import BootstrapSpec, Section, Step, StepContext
 from dispersion.core.errors import ConfigError
 from dispersion.core.storage import Store
 from dispersion.report.markdown import md_table
@@ -37,7 +37,7 @@ CONTEXT_CORR_SCHEMA = pa.schema(list(CORR_SCHEMA) + [pa.field(n, t) for n, t in 
 
 
 def context_partition(part: Partition, context_lengths: list[int], *, layer: str, site: str, bin_size: int,
-                      select_bins: int | None) -> tuple[list[dict], list[dict]]:
+                      select_bins: int | None, boot: BootstrapSpec | None = None) -> tuple[list[dict], list[dict]]:
     """Bin and correlation rows of one (model@revision, dataset sample) for every context length."""
     bins_rows: list[dict] = []
     corr_rows: list[dict] = []
@@ -51,21 +51,23 @@ def context_partition(part: Partition, context_lengths: list[int], *, layer: str
                 continue  # c = L has no next token; too few segments for three bins
             key = {**part.key, "layer": layer, "site": site, "pool": f"c{c}", "scope": "across",
                    "context": c, "alignment": alignment}
-            b, r = binned(key, np.exp(nll[ok]), bin_size=bin_size, select_bins=select_bins, vectors=vectors[ok])
+            b, r = binned(key, np.exp(nll[ok]), bin_size=bin_size, select_bins=select_bins, vectors=vectors[ok],
+                          boot=boot)
             bins_rows += b
             corr_rows += r
     return bins_rows, corr_rows
 
 
 def context_analysis(store: Store, units: Iterable, context_lengths: list[int], *, layer: str, site: str,
-                     bin_size: int, select_bins: int | None) -> dict[str, pa.Table]:
+                     bin_size: int, select_bins: int | None,
+                     boot: BootstrapSpec | None = None) -> dict[str, pa.Table]:
     """``context_bins`` and ``context_correlations`` over every partition of the done units."""
     all_bins: list[dict] = []
     all_corr: list[dict] = []
     for values, markers in partitions(store, units).items():
         part = Partition(store, dict(zip(PARTITION_KEYS, values)), markers)
         b, c = context_partition(part, context_lengths, layer=layer, site=site, bin_size=bin_size,
-                                 select_bins=select_bins)
+                                 select_bins=select_bins, boot=boot)
         all_bins += b
         all_corr += c
     return {"context_bins": pa.Table.from_pylist(all_bins, schema=CONTEXT_BIN_SCHEMA),
@@ -110,14 +112,15 @@ def run(ctx: StepContext) -> Section:
                           "and extraction.context_lengths")
     _, _, layer, site, _ = ctx.main()
     tables = context_analysis(ctx.store, ctx.units, cfg.extraction.context_lengths, layer=layer, site=site,
-                              bin_size=cfg.analysis.bin_size, select_bins=cfg.analysis.select_bins)
+                              bin_size=cfg.analysis.bin_size, select_bins=cfg.analysis.select_bins,
+                              boot=cfg.analysis.bootstrap)
     corr = tables["context_correlations"]
     corr = corr.filter(pc.equal(corr["bins"], "all"))
     return STEP.section(tables=tables,
                    figures={"context": plot_context(tables["context_bins"], alignment="segment"),
                             "context_next": plot_context(tables["context_bins"], alignment="next")},
                    markdown=md_table(corr, ["model", "revision", "dataset", "context", "alignment", "n_bins",
-                                             "pearson_r", "spearman_r"]))
+                                             "pearson_r", "spearman_r", "ci_low", "ci_high"]))
 
 
 STEP = Step(name="context", title="Last-token perplexity at context lengths", paper="001 Sec. 2.2, Fig. 4",

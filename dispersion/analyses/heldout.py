@@ -18,6 +18,7 @@ HELDOUT_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("layer", pa.string()), ("scope", pa.string()), ("pool", pa.string()),
     ("n_bins", pa.int32()), ("mean_ppl", pa.float64()), ("mean_dispersion", pa.float64()),
     ("pearson_r", pa.float64()), ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # Spearman's bootstrap interval (correlations)
 ])
 
 
@@ -51,7 +52,7 @@ def heldout_table(bins: pa.Table, corr: pa.Table, pairs: dict[str, dict[str, str
                              "mean_ppl": float(np.mean([r["mean_ppl"] for r in rs])),
                              "mean_dispersion": float(np.mean([r["dispersion"] for r in rs])),
                              "pearson_r": c.get("pearson_r"), "spearman_r": c.get("spearman_r"),
-                             "spearman_p": c.get("spearman_p")})
+                             "spearman_p": c.get("spearman_p"), "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high")})
     return pa.Table.from_pylist(rows, schema=HELDOUT_SCHEMA)
 
 

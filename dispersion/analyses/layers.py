@@ -23,6 +23,7 @@ LAYER_SCHEMA = pa.schema([
     ("depth", pa.int32()), ("site", pa.string()), ("scope", pa.string()), ("pool", pa.string()),
     ("n_bins", pa.int32()), ("mean_dispersion", pa.float64()), ("pearson_r", pa.float64()),
     ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # Spearman's bootstrap interval (correlations)
 ])
 
 
@@ -48,7 +49,7 @@ def layer_table(bins: pa.Table, corr: pa.Table, *, site: str = "block") -> pa.Ta
                      "depth": depth(key[3], n_layers), "site": site, "scope": key[4], "pool": key[5],
                      "n_bins": len(disp), "mean_dispersion": float(np.mean(disp)),
                      "pearson_r": c.get("pearson_r"), "spearman_r": c.get("spearman_r"),
-                     "spearman_p": c.get("spearman_p")})
+                     "spearman_p": c.get("spearman_p"), "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high")})
     return pa.Table.from_pylist(rows, schema=LAYER_SCHEMA)
 
 

@@ -38,6 +38,18 @@ from dispersion.core.storage import Store
 from dispersion.report.figures import figure_files
 
 
+class BootstrapSpec(Strict):
+    """Percentile bootstrap intervals of every binned correlation
+    (:mod:`dispersion.measure.bootstrap`): ``n`` resamples of a partition's segments (0: no
+    intervals), each re-binned and re-correlated; ``level`` the interval's coverage; ``seed``
+    with the partition's key seeds its resamples (every layer and pool of one partition shares
+    them, so their intervals are paired)."""
+
+    n: Annotated[int, Field(ge=0)] = 1000
+    level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    seed: int = 0
+
+
 class AnalysisOptions(Strict):
     """Paper 001 A.1.2 steps 3-7: bins of B segments, Algorithm 1 picks K of them; then the
     steps named in ``steps`` (or ``all``). Each step with options has a field of its name.
@@ -46,6 +58,7 @@ class AnalysisOptions(Strict):
     ``condensation`` steps (default: each model's first and last by step). ``scores``: a
     CSV/Parquet table (model, revision, task, score; a local path or any fsspec URL) for the
     ``gap`` and ``trajectory`` steps; zoo models also bring their validation loss.
+    ``bootstrap``: the intervals of every correlation (:class:`BootstrapSpec`).
     """
 
     bin_size: Annotated[int, Field(ge=2)] = 100
@@ -56,6 +69,7 @@ class AnalysisOptions(Strict):
     steps: list[str] | str = []
     compare_revisions: list[str] | None = None
     scores: str | None = None
+    bootstrap: BootstrapSpec = BootstrapSpec()
 
     def enabled(self, step: str) -> bool:
         return self.steps == "all" or step in self.steps

@@ -114,10 +114,13 @@ class Rho:
     rho: float
     p: float
     n: int
+    low: float | None = None   # its interval (bootstrap, see dispersion.measure.bootstrap), if any
+    high: float | None = None
 
     def text(self) -> str:
         p = "p < 0.001" if self.p < 1e-3 else f"p = {self.p:.2g}" if math.isfinite(self.p) else "p = nan"
-        return f"ρ = {self.rho:+.2f}, {p}, n = {self.n}".replace("-", "−")
+        ci = f" [{self.low:+.2f}, {self.high:+.2f}]" if self.low is not None and self.high is not None else ""
+        return f"ρ = {self.rho:+.2f}{ci}, {p}, n = {self.n}".replace("-", "−")
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> Rho | None:

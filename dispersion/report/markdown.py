@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from dispersion.core.ids import revision_order
 from dispersion.core.layout import REPORT, report_path
 from dispersion.core.storage import Store
-from dispersion.report.figures import MARKERS, Figure, figure_files, revision_colors, spearman
+from dispersion.report.figures import MARKERS, Figure, Rho, figure_files, revision_colors, spearman
 
 
 def md_table(table: pa.Table, columns: list[str], limit: int = 40) -> str:
@@ -53,10 +53,16 @@ def main_view(table: pa.Table, layer: str, site: str, pool: str, scope: str) -> 
     return _filter(table, layer=layer, site=site, pool=pool if scope == "across" else "tokens", scope=scope)
 
 
-def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: Sequence[str] = ()) -> bytes:
+def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: Sequence[str] = (),
+              corr: pa.Table | None = None) -> bytes:
     """PNG (with its SVG, :class:`dispersion.report.figures.FigureBytes`): one panel per
-    (scope, model) x dataset; one line per revision (ordered by step), each annotated with
-    Spearman's rho of bin mean perplexity and dispersion, its p and n."""
+    (scope, model) x dataset; one line per revision (ordered by step), each bin with its
+    standard error (``dispersion_se``) as an error bar, each line annotated with Spearman's rho
+    of bin mean perplexity and dispersion, its interval, p and n (from ``corr``, the
+    ``correlations`` table, where given; else rho and its asymptotic p from the bins)."""
+    rho_of = {(r["model"], r["revision"], r["dataset"], r["scope"]): r
+              for r in (_filter(corr, layer=layer, site=site, bins="all").to_pylist() if corr is not None else [])
+              if r["pool"] == (pool if r["scope"] == "across" else "tokens")}
     scopes = [s for s in ("across", "within") if len(main_view(bins, layer, site, pool, s))]
     models = sorted(_unique(bins, "model"), key=_model_rank(model_order))
     datasets = _unique(bins, "dataset")
@@ -76,14 +82,24 @@ def plot_bins(bins: pa.Table, *, layer: str, site: str, pool: str, model_order: 
                     continue
                 x = t["mean_ppl"].to_numpy()
                 y = t["dispersion"].to_numpy()
-                ax.plot(x, y, ls="-", marker=markers[rev], ms=3.5, lw=1, color=colors[rev], label=rev)
-                rhos.append((None, colors[rev], spearman(x, y)))
+                se = t["dispersion_se"].to_numpy(zero_copy_only=False) if "dispersion_se" in t.column_names else None
+                ax.errorbar(x, y, yerr=se, ls="-", marker=markers[rev], ms=3.5, lw=1, color=colors[rev], label=rev,
+                            elinewidth=0.7, capsize=1.5)
+                row = rho_of.get((model, rev, ds, scope))
+                rhos.append((None, colors[rev], _rho(row) if row else spearman(x, y)))
             what = f"across segments, {pool} pool" if scope == "across" else "within segments, token states"
             fig.style(ax, f"{model} · {ds} · {what}", "bin mean perplexity (log scale)",
                       "avg pairwise cosine distance" if scope == "across" else "within-segment dispersion", logx=True)
             fig.annotate(ax, rhos)
     fig.legend("revision")
     return fig.render(f"Perplexity vs dispersion (layer {layer}, site {site})")
+
+
+def _rho(row: dict) -> Rho:
+    """The rho box of a ``correlations`` row: rho, its interval, the bootstrap p (else the
+    asymptotic one) and the number of bins."""
+    p = row["boot_p"] if row.get("boot_p") is not None else row["spearman_p"]
+    return Rho(row["spearman_r"], p, row["n_bins"], row.get("ci_low"), row.get("ci_high"))
 
 
 def _fmt(x: float | None) -> str:
@@ -153,13 +169,13 @@ def print_tables(bins: pa.Table, corr: pa.Table, *, layer: str, site: str, pool:
                                                 if k < len(v) else "" for v in per_rev.values()])
                 console.print(table)
     table = Table(title="Correlation of bin mean perplexity with dispersion (all bins)", title_justify="left")
-    for col in ("model", "revision", "dataset", "scope", "n bins", "Pearson r", "Spearman ρ"):
+    for col in ("model", "revision", "dataset", "scope", "n bins", "Pearson r", "Spearman ρ", "interval"):
         table.add_column(col, justify="left" if col in ("model", "revision", "dataset", "scope") else "right")
     for scope in ("across", "within"):
         rows = _filter(main_view(corr, layer, site, pool, scope), bins="all").to_pylist()
         for r in sorted(rows, key=lambda r: (rank(r["model"]), revision_order(r["revision"]), r["dataset"])):
             table.add_row(r["model"], r["revision"], r["dataset"], scope, str(r["n_bins"]),
-                          _fmt(r["pearson_r"]), _fmt(r["spearman_r"]))
+                          _fmt(r["pearson_r"]), _fmt(r["spearman_r"]), _ci(r.get("ci_low"), r.get("ci_high")))
     console.print(table)
 
 
@@ -173,6 +189,13 @@ def sections_markdown(name: str, sections) -> str:
         out += [f"![{fig}]({name}/{fig}.png)" for fig in s.figures]
         out += ["", s.markdown]
     return "\n".join(out)
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    """An interval as ``[low, high]``, or ``n/a`` without one."""
+    if low is None or high is None:
+        return "n/a"
+    return f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _p(p: float | None) -> str:
@@ -202,20 +225,23 @@ def findings_markdown(corr: pa.Table, *, layer: str, site: str, pool: str, model
         return "_(no correlations: too few bins)_\n"
 
     def sig(r: dict, sign: int) -> bool:
-        rho, p = r["spearman_r"], r["spearman_p"]
+        rho, p = r["spearman_r"], r.get("boot_p") if r.get("boot_p") is not None else r["spearman_p"]
         return rho is not None and p is not None and np.isfinite(rho) and p < alpha and np.sign(rho) == sign
 
     neg, pos = sum(sig(r, -1) for r in rows), sum(sig(r, 1) for r in rows)
     out = [f"Spearman ρ of bin mean perplexity vs dispersion over all bins, at each model's last revision "
-           f"(layer `{layer}`, site `{site}`, pool `{pool}`): **negative at p < {alpha} in {neg} of {len(rows)}**, "
-           f"positive in {pos}, not significant in {len(rows) - neg - pos}. The paper (001 Sec. 2) reports "
-           "negative correlations: more dispersed bins have lower perplexity.", "",
-           "| model | revision | dataset | scope | bins | Spearman ρ | p | Pearson r | p |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+           f"(layer `{layer}`, site `{site}`, pool `{pool}`): negative at p < {alpha} in {neg} of {len(rows)}, "
+           f"positive in {pos}, not significant in {len(rows) - neg - pos}, each cell on its own (the claims "
+           "above correct for the number tested). The paper (001 Sec. 2) reports negative correlations: more "
+           "dispersed bins have lower perplexity. The interval resamples the segments (bootstrap, "
+           "`analysis.bootstrap`); p is the bootstrap p of ρ = 0 where there is one.", "",
+           "| model | revision | dataset | scope | bins | Spearman ρ | interval | p | Pearson r | interval |",
+           "|---|---|---|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['revision']} | {r['dataset']} | {r['scope']} | {r['n_bins']} | "
-                   f"{_fmt(r['spearman_r'])} | {_p(r['spearman_p'])} | {_fmt(r['pearson_r'])} | "
-                   f"{_p(r['pearson_p'])} |")
+                   f"{_fmt(r['spearman_r'])} | {_ci(r.get('ci_low'), r.get('ci_high'))} | "
+                   f"{_p(r.get('boot_p') if r.get('boot_p') is not None else r['spearman_p'])} | "
+                   f"{_fmt(r['pearson_r'])} | {_ci(r.get('pearson_ci_low'), r.get('pearson_ci_high'))} |")
     return "\n".join(out) + "\n"
 
 
@@ -226,25 +252,28 @@ def meta_markdown(meta: dict) -> str:
 
 
 def publish_report(store: Store, name: str, bins: pa.Table, corr: pa.Table, *, layer: str, site: str,
-                   pool: str, sections: str = "", model_order: Sequence[str] = (), meta: dict | None = None
-                   ) -> dict[str, str]:
+                   pool: str, sections: str = "", model_order: Sequence[str] = (), meta: dict | None = None,
+                   claims: str = "") -> dict[str, str]:
     """Write the report under ``results/report/``: ``{name}.md`` and a self-contained
     ``{name}.html`` (figures inlined), the main figure ``{name}.png``/``.svg`` and the analyses'
-    figures beside it. The first page holds the run's metadata, the findings (rho, p, n) and
-    the figure; then the analyses' ``sections`` (rendered markdown, see :func:`sections_markdown`);
+    figures beside it. The first page holds the run's metadata, the claims ledger (``claims``,
+    markdown of :func:`dispersion.analyses.claims.claims_markdown`), the findings (rho with its
+    interval, p, n) and the figure; then the analyses' ``sections`` (rendered markdown, see :func:`sections_markdown`);
     then appendices (every revision, every bin).
     Returns the URLs of the figure, the markdown and the HTML."""
     from dispersion.report.html import render_html
 
     png = report_path(name, "png")
     md = report_path(name)
-    for ext, data in figure_files(plot_bins(bins, layer=layer, site=site, pool=pool, model_order=model_order)).items():
+    figure = plot_bins(bins, layer=layer, site=site, pool=pool, model_order=model_order, corr=corr)
+    for ext, data in figure_files(figure).items():
         store.write_bytes(report_path(name, ext), data)
     summary = markdown_summary(bins, corr, layer=layer, site=site, pool=pool, title="", model_order=model_order)
     appendix = summary.split("\n", 2)[2] if summary.startswith("# ") else summary
     correlations, _, bin_rows = appendix.partition("\n## Bins")
     body = "\n".join([
-        f"# dispersion scan `{name}`", "", meta_markdown(meta or {}), "## Findings", "",
+        f"# dispersion scan `{name}`", "", meta_markdown(meta or {}),
+        *(["## Claims of paper 001 in this run", "", claims] if claims else []), "## Findings", "",
         findings_markdown(corr, layer=layer, site=site, pool=pool, model_order=model_order),
         f"![perplexity vs dispersion]({name}.png)", "",
         sections, "",
