@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from dispersion.analyses import STEPS, StepContext
-from dispersion.analyses.bins import analyze
+from dispersion.analyses.bins import analyze, first_seed, over_seeds
 from dispersion.analyses.claims import claims_markdown, claims_table
 from dispersion.analyses.registry import Planned, report_sections, run_steps
 from dispersion.config import RunConfig
@@ -51,16 +51,21 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     a = config.analysis
     vendi = a.enabled("vendi") if only is None else "vendi" in only
     tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi, boot=a.bootstrap)
+    if config.sampling.seeds:  # repeated samples: every seed's rows, and their spread per cell
+        tables["correlations_seeds"] = over_seeds(tables["correlations"])
     for name, table in tables.items():
         store.write_table(result_path(name, config.name), table)
-    ctx = StepContext(config, store, units, dict(tables), log=log, planned=dict(planned or {}),
-                      progress=progress, runner=run_units)
+    # the steps, the figures and the findings read the first seed's sample
+    seed = config.sampling.all_seeds[0]
+    main = {name: first_seed(tables[name], seed) for name in ("bins", "correlations")}
+    ctx = StepContext(config, store, [u for u in units if u.segments.seed == seed], dict(main), log=log,
+                      planned=dict(planned or {}), progress=progress, runner=run_units)
     run_steps(STEPS, ctx, only=only)
     tables["claims"] = claims_table(ctx)  # every claim the run can test, its stored steps' tables included
     store.write_table(result_path("claims", config.name), tables["claims"])
     sections = report_sections(STEPS, store, config.name)
     layer = str(a.layer)
-    report = publish_report(store, config.name, tables["bins"], tables["correlations"],
+    report = publish_report(store, config.name, main["bins"], main["correlations"],
                             layer=layer, site=a.site, pool=a.pool, sections=sections,
                             claims=claims_markdown(tables["claims"], a.bootstrap.level),
                             model_order=[m.name for m in config.models], meta=run_meta(config, store, units))
@@ -109,7 +114,9 @@ def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str
         "models": "; ".join(f"{m} ({revs(r)})" for m, r in revisions.items()),
         "datasets": ", ".join(f"{d.name} ({d.embedded or (d.hf.path if d.hf else '')}, {d.split})"
                               for d in config.datasets),
-        "segments": f"{sum(samples.values())} in {len(samples)} samples, {s.segment_length} tokens each, seed {s.seed}",
+        "segments": f"{sum(samples.values())} in {len(samples)} samples, {s.segment_length} tokens each, "
+                    + (f"seeds {', '.join(map(str, s.seeds))} (the steps, figures and findings: seed {s.seeds[0]})"
+                       if s.seeds else f"seed {s.seed}"),
         "bins": f"{a.bin_size} segments per bin" + (f"; Algorithm 1 selects {a.select_bins}" if a.select_bins else ""),
         "measured": f"layer `{a.layer}`, site `{a.site}`, pool `{a.pool}`",
     }

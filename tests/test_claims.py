@@ -132,3 +132,28 @@ def test_the_docs_list_the_registered_claims():
     doc = (REPO / "docs/ANALYSES.md").read_text()
     block = doc.split("<!-- claims:begin", 1)[1].split("-->", 1)[1].split("<!-- claims:end -->", 1)[0]
     assert block.strip() == claims_doc().strip()
+
+
+def test_repeated_samples_keep_each_seed_and_their_spread(micro_zoo, tmp_path):
+    root = tmp_path / "seeds"
+    cfg = parse_config(scan_config_dict(
+        micro_zoo, root, models=[{"name": "gpt2-tiny", "zoo": "gpt2-tiny", "revisions": ["step20"]}],
+        sampling={"num_segments": 60, "segment_length": 32, "shard_size": 30, "seeds": [5, 6, 7]},
+        extraction={"layers": ["final"], "pools": ["last"]}, analysis={"bin_size": 10, "bootstrap": {"n": 50}}))
+    result = run_scan(cfg, progress=False, log=lambda *_: None)
+    corr = result.tables["correlations"].to_pylist()
+    cell = [r for r in corr if (r["dataset"], r["scope"], r["bins"]) == ("prose", "across", "all")]
+    assert sorted(r["seed"] for r in cell) == [5, 6, 7] and len({r["sample"] for r in cell}) == 3
+    assert len({round(r["spearman_r"], 12) for r in cell}) > 1  # independent samples, not one sample thrice
+    (agg,) = [r for r in result.tables["correlations_seeds"].to_pylist()
+              if (r["dataset"], r["scope"], r["bins"]) == ("prose", "across", "all")]
+    rho = np.array([r["spearman_r"] for r in cell])
+    assert agg["n_seeds"] == 3 and agg["seeds"] == "5,6,7"
+    assert agg["spearman_mean"] == pytest.approx(rho.mean())
+    assert agg["spearman_se"] == pytest.approx(rho.std(ddof=1) / np.sqrt(3))
+    assert (agg["spearman_min"], agg["spearman_max"]) == (rho.min(), rho.max())
+    falls = [r for r in result.tables["claims"].to_pylist() if r["claim"] == "perplexity_falls_with_dispersion"]
+    first = next(r for r in cell if r["seed"] == 5)
+    prose = next(r for r in falls if r["dataset"] == "prose" and r["detail"].startswith("across"))
+    assert prose["value"] == first["spearman_r"] and "seed 5 of 3" in prose["note"]
+    assert len(_query(root, "SELECT * FROM correlations_seeds")) == result.tables["correlations_seeds"].num_rows

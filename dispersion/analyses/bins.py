@@ -33,7 +33,7 @@ from dispersion.report.figures import rows_of
 
 BIN_SCHEMA = pa.schema([
     ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("sample", pa.string()),
-    ("spec", pa.string()),
+    ("seed", pa.int64()), ("spec", pa.string()),
     ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
     ("bin", pa.int32()), ("n", pa.int32()), ("mean_ppl", pa.float64()), ("median_ppl", pa.float64()),
     ("dispersion", pa.float64()), ("vendi", pa.float64()), ("selected", pa.bool_()),
@@ -41,7 +41,7 @@ BIN_SCHEMA = pa.schema([
 ])
 CORR_SCHEMA = pa.schema([
     ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("sample", pa.string()),
-    ("spec", pa.string()),
+    ("seed", pa.int64()), ("spec", pa.string()),
     ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
     ("bins", pa.string()), ("n_bins", pa.int32()), ("pearson_r", pa.float64()), ("pearson_p", pa.float64()),
     ("spearman_r", pa.float64()), ("spearman_p", pa.float64()),
@@ -197,18 +197,18 @@ def analyze_partition(store: Store, key: dict[str, str], markers: list[dict], *,
 
 
 def partitions(store: Store, units: Iterable) -> dict[tuple, list[dict]]:
-    """Completion markers grouped by (model, revision, dataset, sample, spec); every unit must be done."""
+    """Completion markers grouped by (model, revision, dataset, sample, seed, spec); every unit must be done."""
     groups: dict[tuple, list[dict]] = {}
     for u in units:
         marker = store.read_json(u.marker_rel)
         if not marker:
             raise DataError(f"{u.marker_rel}: work unit {u.describe()} is not done")
-        groups.setdefault((u.mr.model, u.mr.revision, u.segments.dataset, u.segments.sample, u.spec_key),
-                          []).append(marker)
+        groups.setdefault((u.mr.model, u.mr.revision, u.segments.dataset, u.segments.sample, u.segments.seed,
+                           u.spec_key), []).append(marker)
     return groups
 
 
-PARTITION_KEYS = ("model", "revision", "dataset", "sample", "spec")
+PARTITION_KEYS = ("model", "revision", "dataset", "sample", "seed", "spec")
 
 
 def analyze(store: Store, units: Iterable, *, bin_size: int, select_bins: int | None,
@@ -225,6 +225,42 @@ def analyze(store: Store, units: Iterable, *, bin_size: int, select_bins: int | 
         all_corr.extend(c)
     return {"bins": pa.Table.from_pylist(all_bins, schema=BIN_SCHEMA),
             "correlations": pa.Table.from_pylist(all_corr, schema=CORR_SCHEMA)}
+
+
+SEEDS_SCHEMA = pa.schema([
+    ("model", pa.string()), ("revision", pa.string()), ("dataset", pa.string()), ("spec", pa.string()),
+    ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
+    ("bins", pa.string()), ("n_seeds", pa.int32()), ("seeds", pa.string()),
+    ("spearman_mean", pa.float64()), ("spearman_se", pa.float64()), ("spearman_min", pa.float64()),
+    ("spearman_max", pa.float64()), ("pearson_mean", pa.float64()), ("pearson_se", pa.float64()),
+])
+_SEED_GROUP = ("model", "revision", "dataset", "spec", "layer", "site", "pool", "scope", "bins")
+
+
+def over_seeds(corr: pa.Table) -> pa.Table:
+    """``correlations_seeds``: per correlation cell, its rows over the repeated samples
+    (``sampling.seeds``): their number, the mean of Spearman's rho and Pearson's r, the
+    standard error of each mean (s / sqrt(k), None for one seed), rho's range."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in corr.to_pylist():
+        groups.setdefault(tuple(r[k] for k in _SEED_GROUP), []).append(r)
+    rows = []
+    for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+        rho = np.array([r["spearman_r"] for r in rs], dtype=np.float64)
+        r_ = np.array([r["pearson_r"] for r in rs], dtype=np.float64)
+        se = (lambda v: float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None)
+        rows.append({**dict(zip(_SEED_GROUP, key)), "n_seeds": len(rs),
+                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
+                     "spearman_mean": float(rho.mean()), "spearman_se": se(rho), "spearman_min": float(rho.min()),
+                     "spearman_max": float(rho.max()), "pearson_mean": float(r_.mean()), "pearson_se": se(r_)})
+    return pa.Table.from_pylist(rows, schema=SEEDS_SCHEMA)
+
+
+def first_seed(table: pa.Table, seed: int) -> pa.Table:
+    """The rows of the first seed's sample (what the steps, the figures and the findings read)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["seed"], seed)) if "seed" in table.column_names else table
 
 
 def scope_pool_panels(bins: pa.Table, layer: str, site: str) -> list[tuple[str, str]]:

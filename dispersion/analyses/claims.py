@@ -130,6 +130,8 @@ def _interval_note(r: dict) -> tuple[str, float | None, str]:
 # -- the claims --------------------------------------------------------------------------------
 
 def _falls(ctx: ClaimContext) -> list[Evidence] | str:
+    seeds = ctx.step.config.sampling.seeds
+    spread = f"sample seed {seeds[0]} of {len(seeds)}; correlations_seeds has the spread over seeds" if seeds else ""
     rows = []
     for scope, what in (("across", "across segments, Eq. 1 (paper text)"),
                         ("within", "within segments, per-bin mean (authors' code)")):
@@ -138,7 +140,7 @@ def _falls(ctx: ClaimContext) -> list[Evidence] | str:
             rows.append(Evidence(r["model"], r["revision"], r["dataset"],
                                  f"{what}; layer {r['layer']}, site {r['site']}, pool {r['pool']}",
                                  "Spearman rho", r["spearman_r"], r.get("ci_low"), r.get("ci_high"), how,
-                                 r["n_bins"], p, note))
+                                 r["n_bins"], p, "; ".join(x for x in (note, spread) if x)))
     return rows or "no correlation rows at the main layer, site and pool (too few bins?)"
 
 

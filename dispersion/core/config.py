@@ -237,6 +237,20 @@ class SamplingSpec(Strict):
     segment_length: Annotated[int, Field(ge=2)] = 128
     shard_size: Annotated[int, Field(gt=0)] = 500
     seed: int = 0
+    # repeated samples: the same spec on one independent sample per seed (``seed`` is then unused);
+    # every table keeps each seed's rows (column ``seed``), ``correlations_seeds`` their spread
+    seeds: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> SamplingSpec:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds: give distinct seeds, at least one (got {self.seeds})")
+        return self
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """The seeds of the run's samples; the first one's sample is the one the steps analyse."""
+        return list(self.seeds) if self.seeds else [self.seed]
 
 
 class ExtractionSpec(Strict):

@@ -65,6 +65,7 @@ class SegmentSet:
     dataset: str
     sample: str
     shard_rows: tuple[int, ...]
+    seed: int = 0  # the sampling seed that drew it
 
     def shard_rel(self, k: int) -> str:
         return layout.segments_shard(self.dataset, self.sample, k)
@@ -267,7 +268,7 @@ def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
     for i, ds in enumerate(config.datasets):
         key = sample_key(dataset_key(ds), tok_fp, s.num_segments, s.segment_length, s.seed, s.shard_size)
         rows = tuple(b - a for a, b in shard_slices(s.num_segments, s.shard_size))
-        seg = SegmentSet(ds.name, key, rows)
+        seg = SegmentSet(ds.name, key, rows, s.seed)
         out[ds.name] = seg
         try:
             marker = store.read_json(seg.marker_rel)
@@ -330,7 +331,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
             raise ConfigError(f"extraction.context_lengths: {c} is outside 1..segment_length "
                               f"({config.sampling.segment_length}; 2.. without prepend_bos)")
     units: list[WorkUnit] = []
-    seg_cache: dict[tuple[str, int], dict[str, SegmentSet]] = {}
+    seg_cache: dict[tuple[str, int, int], dict[str, SegmentSet]] = {}
     tok_cache: dict[tuple, tuple] = {}
     mrs = model_revisions(config, log=log)
     widths: dict[str, tuple[int, int]] = {}
@@ -348,14 +349,16 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     for mr in mrs:
         tok, fp = tok_cache[(mr.source.location, mr.source.revision)]
         n = mr.num_segments or config.sampling.num_segments
-        if (fp, n) not in seg_cache:
-            seg_cache[(fp, n)] = prepare_segments(config, store, tok, fp, log, num_segments=n, defer=publish,
-                                                  sample=sample)
         dtype = resolve_dtype(mr.dtype, device)
         spec_key = config.extraction.key(dtype)
-        for seg in seg_cache[(fp, n)].values():
-            units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction)
-                         for k in range(len(seg.shard_rows)))
+        for seed in config.sampling.all_seeds:  # one independent sample per seed
+            if (fp, n, seed) not in seg_cache:
+                seeded = config.model_copy(update={"sampling": config.sampling.model_copy(update={"seed": seed})})
+                seg_cache[(fp, n, seed)] = prepare_segments(seeded, store, tok, fp, log, num_segments=n,
+                                                            defer=publish, sample=sample)
+            for seg in seg_cache[(fp, n, seed)].values():
+                units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction)
+                             for k in range(len(seg.shard_rows)))
     if sample:
         warn_if_short_of_space(units, widths, store, log)
     for write in publish:
