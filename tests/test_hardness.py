@@ -234,6 +234,17 @@ def test_controlled_slices_and_spearman_equal_a_naive_recomputation():
         want_all = spearmanr(np.repeat(fr, R), values.reshape(-1))
         assert sp[signal]["spearman_slices_r"] == pytest.approx(want_all[0])
     assert sp["dispersion"]["spearman_r"] == pytest.approx(1.0)  # the synthetic curve is monotone
+    # permutation p: relabel the pool as permutation_p does, draw the slices again, count |rho| >= observed
+    P = opts.permutations
+    perm_rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(P):
+        labels = perm_rng.permutation(correct)
+        sl_p = controlled_slices(Signal(vectors=X), ppl, labels, fractions=fr, size=S, seeds=R, seed=seed)
+        hits += abs(spearmanr(fr, sl_p.dispersion.mean(1))[0]) >= 1.0 - 1e-12
+    assert sp["dispersion"]["n_perm"] == P
+    assert sp["dispersion"]["perm_p"] == pytest.approx((1 + hits) / (1 + P))
+    assert sp["dispersion"]["perm_p"] < 0.05  # a real signal survives relabelling
 
 
 def _measured_table(X, ppl, correct, within=None):

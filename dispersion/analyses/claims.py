@@ -217,7 +217,8 @@ def fisher_interval(rho: float, n: int, level: float) -> tuple[float | None, flo
 
 
 def _spearman_rows(ctx: ClaimContext, table: str, step: str, n_col: str, detail: Callable[[dict], str],
-                   keep: Callable[[dict], bool] = lambda r: True, note: str = "") -> list[Evidence] | str:
+                   keep: Callable[[dict], bool] = lambda r: True, note: str | Callable[[dict], str] = "",
+                   p_of: Callable[[dict], float | None] = lambda r: r["spearman_p"]) -> list[Evidence] | str:
     t = ctx.table(table)
     if t is None:
         return f"step {step} not run (add it to analysis.steps)"
@@ -230,7 +231,7 @@ def _spearman_rows(ctx: ClaimContext, table: str, step: str, n_col: str, detail:
         out.append(Evidence(r.get("model"), r.get("revision"), r.get("dataset") or r.get("domain") or r.get("queryset"),
                             detail(r),
                             "Spearman rho", r["spearman_r"], lo, hi, "Fisher z (Bonett-Wright)" if lo is not None
-                            else "", r[n_col], r["spearman_p"], note))
+                            else "", r[n_col], p_of(r), note(r) if callable(note) else note))
     return out or f"step {step} gave no correlation"
 
 
@@ -249,7 +250,10 @@ def _hardness(ctx: ClaimContext) -> list[Evidence] | str:
                           lambda r: f"fraction answered right vs slice dispersion; {r['n_queries']} queries, "
                                     f"slices of {r['slice_size']}, pool {r['accuracy']:.0%} right",
                           keep=lambda r: r["signal"] == "dispersion",
-                          note="p over the fraction means; slices share queries")
+                          p_of=lambda r: r["perm_p"] if r.get("perm_p") is not None else r["spearman_p"],
+                          note=lambda r: f"permutation p, {r['n_perm']} relabellings of the pool"
+                          if r.get("perm_p") is not None else "asymptotic p over the fraction means (slices share "
+                                                             "queries: too small)")
 
 
 def _finetune(ctx: ClaimContext) -> list[Evidence] | str:
@@ -307,8 +311,8 @@ CLAIMS: tuple[Claim, ...] = (
           how="dispersion after - before on the fine-tuning domain; no interval yet (inconclusive)"),
     Claim("dispersion_rises_with_accuracy", "001 Sec. 3.1, B.1.2",
           "slices answered more often right are more dispersed", 1, _hardness,
-          how="Spearman of fraction right vs slice dispersion over the fractions; Fisher z interval, the "
-              "step's p (slices share queries)"),
+          how="Spearman of fraction right vs slice dispersion over the fractions; Fisher z interval, "
+              "permutation p (correctness labels permuted, slices drawn again)"),
     Claim("gap_ranks_models", "001 Sec. 3.2, B.2",
           "the dispersion gap ranks models by task score", 1, _gap,
           how="Spearman of the gap vs a task score over models; Fisher z (Bonett-Wright) interval, scipy's p"),

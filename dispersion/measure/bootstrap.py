@@ -171,11 +171,16 @@ def mean_se(values: np.ndarray) -> float:
     return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
 
 
-def permutation_p(statistic: Callable[[np.ndarray], float], labels: np.ndarray, *, n_perm: int = 1000,
-                  seed: int = 0) -> tuple[float, int]:
-    """Two-sided permutation p-value of ``statistic(labels)`` against ``n_perm`` random
-    permutations of ``labels``: ``(p, n_perm)``, p = (1 + #{|t_pi| >= |t_obs|}) / (1 + P)."""
+def permutation_p(statistic: Callable[[np.ndarray], float | np.ndarray], labels: np.ndarray, *,
+                  n_perm: int = 1000, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Two-sided permutation p-values of ``statistic(labels)`` (a number or a vector of them)
+    against ``n_perm`` random permutations of ``labels``: ``(p, n_perm)`` with, per component,
+    p = (1 + #{|t_pi| >= |t_obs|}) / (1 + P); a permutation whose statistic is undefined (NaN)
+    counts as not as extreme."""
     rng = np.random.default_rng(seed)
-    observed = abs(statistic(labels))
-    hits = sum(abs(statistic(rng.permutation(labels))) >= observed - 1e-12 for _ in range(n_perm))
+    observed = np.abs(np.atleast_1d(np.asarray(statistic(labels), dtype=np.float64)))
+    hits = np.zeros(observed.shape, np.int64)
+    for _ in range(n_perm):
+        t = np.abs(np.atleast_1d(np.asarray(statistic(rng.permutation(labels)), dtype=np.float64)))
+        hits += t >= observed - 1e-12
     return (1 + hits) / (1 + n_perm), n_perm

@@ -99,6 +99,10 @@ class HardnessOptions(Strict):
         tail: share of queries flagged by each per-example score (default 10%).
         shard_size: queries per stored measurement shard (a rerun resumes per shard).
         seed: seeds every draw of slices and splits.
+        permutations: P, relabellings of the pool for the permutation p-value of each Spearman
+            rho (``perm_p``): the correctness labels are permuted among the queries and the
+            slices drawn again, P times (0: none). Slices of one fraction share queries, so the
+            asymptotic p-values over slices or fractions are too small; this one is not.
     """
 
     query_sets: Annotated[list[QuerySetOption], Field(min_length=1)] = Field(default_factory=_default_sets)
@@ -120,6 +124,7 @@ class HardnessOptions(Strict):
     tail: Annotated[float, Field(gt=0, lt=1)] = 0.1
     shard_size: Annotated[int, Field(ge=1)] = 256
     seed: int = 0
+    permutations: Annotated[int, Field(ge=0)] = 200
 
     @field_validator("fraction_step", "calibration_step")
     @classmethod

@@ -23,6 +23,7 @@ from dispersion.analyses.hardness.slices import (
     standard_error,
 )
 from dispersion.core.errors import DataError
+from dispersion.measure.bootstrap import permutation_p
 from dispersion.measure.metrics import mean_cosine_distance_to_rest
 
 # --------------------------------------------------------------------------- #
@@ -40,6 +41,7 @@ SPEARMAN_SCHEMA = pa.schema(_KEY + [
     ("n_queries", pa.int32()), ("accuracy", pa.float64()), ("slice_size", pa.int32()), ("signal", pa.string()),
     ("spearman_r", pa.float64()), ("spearman_p", pa.float64()), ("n_fractions", pa.int32()),
     ("spearman_slices_r", pa.float64()), ("spearman_slices_p", pa.float64()), ("n_slices", pa.int32()),
+    ("perm_p", pa.float64()), ("n_perm", pa.int32()),  # rho over the fractions, labels permuted (options)
 ])
 """B.1.2: Spearman of the target fraction against each signal (``dispersion`` or ``perplexity``),
 over the per-fraction means and over every slice."""
@@ -131,6 +133,22 @@ class SetResult:
     calibrations: list[Calibration]
 
 
+def permuted_p(sig, ppl: np.ndarray, correct: np.ndarray, fractions: np.ndarray, size: int,
+               opts: HardnessOptions) -> np.ndarray | None:
+    """Permutation p-values of Spearman's rho over the fraction means, (dispersion, perplexity):
+    the correctness labels permuted among the queries ``opts.permutations`` times, the slices
+    drawn again each time (:func:`dispersion.measure.bootstrap.permutation_p`); None without."""
+    if not opts.permutations:
+        return None
+
+    def rhos(labels: np.ndarray) -> np.ndarray:
+        sl = controlled_slices(sig, ppl, labels, fractions=fractions, size=size, seeds=opts.seeds, seed=opts.seed)
+        return np.array([spearman_rho(fractions, v.mean(1))[0] for v in (sl.dispersion, sl.ppl)], dtype=np.float64)
+
+    p, _ = permutation_p(rhos, np.asarray(correct, bool), n_perm=opts.permutations, seed=opts.seed)
+    return p
+
+
 def analyse_set(table: pa.Table, *, model: str, revision: str, queryset: str, opts: HardnessOptions,
                 log: Callable[[str], None]) -> tuple[list[SetResult], dict[str, list[dict]]]:
     """Slices, calibration and ranking of one measured query set (every variant): the
@@ -162,12 +180,15 @@ def analyse_set(table: pa.Table, *, model: str, revision: str, queryset: str, op
                                        "dispersion": float(sl.dispersion[i].mean()),
                                        "dispersion_se": standard_error(sl.dispersion[i]),
                                        "ppl": float(sl.ppl[i].mean()), "ppl_se": standard_error(sl.ppl[i])})
-            for signal, values in (("dispersion", sl.dispersion), ("perplexity", sl.ppl)):
+            perm = permuted_p(sig, ppl, correct, fr, size, opts)
+            for j, (signal, values) in enumerate((("dispersion", sl.dispersion), ("perplexity", sl.ppl))):
                 r, p = spearman_rho(fr, values.mean(1))
                 rs, ps = spearman_rho(np.repeat(fr, values.shape[1]), values.reshape(-1))
                 rows["spearman"].append({**key, "n_queries": n, "accuracy": acc, "slice_size": size, "signal": signal,
                                          "spearman_r": r, "spearman_p": p, "n_fractions": len(fr),
-                                         "spearman_slices_r": rs, "spearman_slices_p": ps, "n_slices": values.size})
+                                         "spearman_slices_r": rs, "spearman_slices_p": ps, "n_slices": values.size,
+                                         "perm_p": None if perm is None else float(perm[j]),
+                                         "n_perm": opts.permutations if perm is not None else None})
         cals: list[Calibration] = []
         if opts.calibration and size >= 2:
             skipped: list[str] = []
