@@ -25,16 +25,33 @@ def _data(n: int = 230, d: int = 12, seed: int = 5):
     return ppl, vectors.astype(np.float16), within
 
 
+def _distinct_pairs_dispersion(V: np.ndarray, idx: np.ndarray) -> float:
+    """Mean 1 - cos over the position pairs of a bin whose drawn segments differ (a double loop)."""
+    total, count = 0.0, 0
+    for p in range(len(idx)):
+        for q in range(p + 1, len(idx)):
+            if idx[p] != idx[q]:
+                a, b = V[idx[p]].astype(np.float64), V[idx[q]].astype(np.float64)
+                total += 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+                count += 1
+    return total / count
+
+
 def _naive(ppl, *, bin_size, n_boot, seed, vectors=None, within=None, select_k=None):
-    """The resamples drawn as bootstrap_binned draws them, each re-binned by bin_table."""
+    """The resamples drawn as bootstrap_binned draws them, each re-binned by bin_table (within
+    scope) or by hand, Eq. 1 over the pairs of different segments of each bin (across scope)."""
     rng = np.random.default_rng(seed)
     n = len(ppl)
     out = {"pearson": [], "spearman": [], "sel_spearman": []}
     idx_all = rng.integers(0, n, size=(n_boot, n))
     for idx in idx_all:
-        t = bin_table(ppl[idx], bin_size=bin_size, vectors=None if vectors is None else vectors[idx],
-                      within=None if within is None else within[idx])
-        y = t.across if vectors is not None else t.within
+        t = bin_table(ppl[idx], bin_size=bin_size, within=None if within is None else within[idx])
+        if vectors is not None:
+            order = idx[np.argsort(ppl[idx], kind="stable")]
+            y = np.array([_distinct_pairs_dispersion(vectors, order[b * bin_size:(b + 1) * bin_size])
+                          for b in range(len(t.mean_ppl))])
+        else:
+            y = t.within
         out["pearson"].append(stats.pearsonr(t.mean_ppl, y)[0])
         out["spearman"].append(stats.spearmanr(t.mean_ppl, y)[0])
         if select_k:
@@ -47,11 +64,22 @@ def _naive(ppl, *, bin_size, n_boot, seed, vectors=None, within=None, select_k=N
 def test_each_resample_matches_rebinning_it_naively(scope):
     ppl, vectors, within = _data()
     kw = {"vectors": vectors} if scope == "across" else {"within": within}
-    fast = bootstrap_binned(ppl, bin_size=20, n_boot=60, seed=11, select_k=6, **kw)
-    naive = _naive(ppl, bin_size=20, n_boot=60, seed=11, select_k=6, **kw)
+    fast = bootstrap_binned(ppl, bin_size=20, n_boot=25, seed=11, select_k=6, **kw)
+    naive = _naive(ppl, bin_size=20, n_boot=25, seed=11, select_k=6, **kw)
     np.testing.assert_allclose(fast["all"]["pearson_r"], naive["pearson"], atol=1e-9)
     np.testing.assert_allclose(fast["all"]["spearman_r"], naive["spearman"], atol=1e-12)
     np.testing.assert_allclose(fast["selected"]["spearman_r"], naive["sel_spearman"], atol=1e-12)
+
+
+def test_without_copies_a_resampled_bin_is_eq1():
+    from dispersion.measure.bootstrap import same_pairs
+
+    assert same_pairs(np.array([[3, 1, 2, 0], [2, 2, 5, 2]])).tolist() == [4, 1 + 9]  # counts (3, 1): 9 + 1
+    ppl, vectors, _ = _data(n=40)
+    t = bin_table(ppl, bin_size=10, vectors=vectors)
+    order = np.argsort(ppl, kind="stable")
+    for b in range(4):
+        assert _distinct_pairs_dispersion(vectors, order[b * 10:(b + 1) * 10]) == pytest.approx(t.across[b], rel=1e-9)
 
 
 def test_the_interval_is_the_percentiles_of_the_resamples_and_covers_the_estimate():
@@ -134,3 +162,10 @@ def test_the_rho_box_shows_the_interval():
 
     assert Rho(-0.42, 0.0004, 10, -0.71, -0.05).text() == "ρ = −0.42 [−0.71, −0.05], p < 0.001, n = 10"
     assert Rho(0.3, 0.2, 10).text() == "ρ = +0.30, p = 0.2, n = 10"
+
+
+def test_the_bootstrap_bias_is_the_mean_resample_minus_the_estimate():
+    from dispersion.measure.bootstrap import bootstrap_bias
+
+    assert bootstrap_bias(np.array([0.5, 0.7, np.nan]), 0.9) == pytest.approx(-0.3)
+    assert bootstrap_bias(np.array([np.nan]), 0.9) is None and bootstrap_bias(np.array([0.1]), None) is None

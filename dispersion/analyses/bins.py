@@ -27,7 +27,14 @@ from dispersion.core.ids import digest, revision_order
 from dispersion.core.integrity import recorded
 from dispersion.core.storage import Store
 from dispersion.measure.binning import MIN_POINTS, bin_table, correlations, make_bins, uniform_perplexity_bins
-from dispersion.measure.bootstrap import bootstrap_binned, bootstrap_p, eq1_jackknife_se, interval, mean_se
+from dispersion.measure.bootstrap import (
+    bootstrap_bias,
+    bootstrap_binned,
+    bootstrap_p,
+    eq1_jackknife_se,
+    interval,
+    mean_se,
+)
 from dispersion.measure.metrics import vendi_score
 from dispersion.report.figures import rows_of
 
@@ -48,6 +55,7 @@ CORR_SCHEMA = pa.schema([
     ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # Spearman's bootstrap interval
     ("pearson_ci_low", pa.float64()), ("pearson_ci_high", pa.float64()), ("n_boot", pa.int32()),
     ("ci_level", pa.float64()), ("boot_p", pa.float64()),  # two-sided bootstrap p of Spearman's rho = 0
+    ("boot_bias", pa.float64()),  # mean resampled rho minus rho (see dispersion.measure.bootstrap.interval)
 ])
 
 
@@ -162,7 +170,8 @@ def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | 
             r = interval(resampled[row["bins"]]["pearson_r"], boot.level)
             row.update(ci_low=rho.low, ci_high=rho.high, pearson_ci_low=r.low, pearson_ci_high=r.high,
                        n_boot=rho.n_boot, ci_level=boot.level,
-                       boot_p=bootstrap_p(resampled[row["bins"]]["spearman_r"]))
+                       boot_p=bootstrap_p(resampled[row["bins"]]["spearman_r"]),
+                       boot_bias=bootstrap_bias(resampled[row["bins"]]["spearman_r"], row["spearman_r"]))
     return bins_rows, corr_rows
 
 

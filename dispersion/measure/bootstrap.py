@@ -10,13 +10,18 @@ steps 3-7 of A.1.2 on each resample:
                     pearson_r[r] = Pearson(x_r, y_r),  spearman_r[r] = Spearman(x_r, y_r)
     interval = the (1 - level)/2 and (1 + level)/2 percentiles of the R values
 
-A segment drawn twice sits twice in its bin: the across-segment dispersion is Eq. 1 over the
-bin's members as drawn (a pair of copies is at distance 0), exactly what
-:func:`dispersion.measure.binning.bin_table` computes on ``ppl[idx_r]``, ``vectors[idx_r]``.
-With unit rows :math:`u_i` and :math:`s_b = \\sum_{i \\in b} u_i`, Eq. 1 of a bin of B is
-:math:`1 - (\\|s_b\\|^2 - B) / (B (B - 1))`, so one resample costs O(N d) and R resamples
-O(R N d). A resample whose correlation is undefined (a constant side) is left out; ``n_boot``
-counts the ones kept.
+A segment drawn twice sits twice in its bin. Eq. 1 is a U-statistic (a mean over pairs of
+distinct segments), and a bin's dispersion on a resample is kept one: the mean of
+:math:`1 - \\cos` over the pairs of its members that are *different segments*. Counting the
+pairs of copies (at distance 0), as plain ``bin_table(ppl[idx], vectors[idx])`` would, lowers
+each resampled bin's dispersion by the share of such pairs, about 1/(B - 1) and varying from
+bin to bin by about as much as neighbouring bins differ; that noise pulls the resampled
+correlations toward 0 and the interval away from the estimate. With unit rows :math:`u_i`,
+:math:`s_b = \\sum_{i \\in b} u_i` and counts :math:`c_j` of each drawn segment in the bin,
+the pairs of different segments sum to :math:`\\|s_b\\|^2 - \\sum_j c_j^2` over
+:math:`B^2 - \\sum_j c_j^2` pairs, so one resample costs O(N d) and R resamples O(R N d);
+without copies this is Eq. 1 exactly. A resample whose correlation is undefined (a constant
+side) is left out; ``n_boot`` counts the ones kept.
 
 Permutation test (draws that overlap, e.g. hardness slices that share queries): the p-value of
 a statistic under exchangeable labels, :math:`p = (1 + \\#\\{|t_\\pi| \\ge |t_{obs}|\\}) / (1 + P)`
@@ -32,7 +37,7 @@ import numpy as np
 
 from dispersion.measure.binning import MIN_POINTS, uniform_perplexity_bins
 
-__all__ = ["Interval", "bootstrap_binned", "bootstrap_p", "eq1_jackknife_se", "interval", "mean_se",
+__all__ = ["Interval", "bootstrap_bias", "bootstrap_binned", "bootstrap_p", "eq1_jackknife_se", "interval", "mean_se",
            "permutation_p", "rowwise_pearson", "rowwise_spearman"]
 
 CHUNK_VALUES = 1 << 24  # floats gathered at once (resamples x segments x d): bounds the memory of a step
@@ -48,13 +53,31 @@ class Interval:
 
 
 def interval(values: np.ndarray, level: float = 0.95) -> Interval:
-    """Percentile interval of the finite ``values`` at ``level`` (linear interpolation)."""
+    """Percentile interval of the finite resampled ``values`` at ``level``: the
+    (1 - level)/2 and (1 + level)/2 quantiles (linear interpolation).
+
+    A binned correlation is attenuated by the noise of its bins (a bin mean of B segments is
+    not the population's), and a resample adds that noise once more: the resampled
+    correlations lean toward 0 from the estimate by about as much as the estimate leans from
+    the population value (the bootstrap bias, :func:`bootstrap_bias`). The percentile interval
+    therefore errs toward 0, on the conservative side for a test of "rho != 0"; the
+    bias-corrected variants (basic, BC) move it away from 0 instead, and collapse when nearly
+    every resample lies on one side of the estimate, as they do for rho near +-1."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size < 2:
         return Interval(None, None, int(v.size))
     lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(lo), float(hi), int(v.size))
+
+
+def bootstrap_bias(values: np.ndarray, estimate: float | None) -> float | None:
+    """Mean of the finite resampled values minus the estimate (None without either)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or estimate is None or not np.isfinite(estimate):
+        return None
+    return float(v.mean() - estimate)
 
 
 def bootstrap_p(values: np.ndarray) -> float | None:
@@ -93,6 +116,17 @@ def _unit_rows(vectors: np.ndarray) -> np.ndarray:
     if not (norms > 0).all():
         raise ValueError(f"vectors: row {int(np.flatnonzero(~(norms[:, 0] > 0))[0])} is zero; cosine is undefined")
     return V / norms
+
+
+def same_pairs(members: np.ndarray) -> np.ndarray:
+    r"""Per bin of drawn segment indices (..., B): the ordered position pairs (p, q) that hold
+    the same segment, p = q included: :math:`\sum_j c_j^2` for counts c_j (B when all differ)."""
+    a = np.sort(members, axis=-1)
+    pos = np.arange(a.shape[-1])
+    new = np.ones(a.shape, bool)
+    new[..., 1:] = a[..., 1:] != a[..., :-1]
+    start = np.maximum.accumulate(np.where(new, pos, 0), axis=-1)  # first position of each run
+    return a.shape[-1] + 2 * (pos - start).sum(axis=-1)  # B + 2 sum_j C(c_j, 2)
 
 
 def bootstrap_binned(ppl: np.ndarray, *, bin_size: int, vectors: np.ndarray | None = None,
@@ -135,7 +169,9 @@ def bootstrap_binned(ppl: np.ndarray, *, bin_size: int, vectors: np.ndarray | No
         x[rows.start:rows.stop] = p[order].reshape(len(rows), nb, bin_size).mean(axis=2)
         if U is not None:
             s = U[order.reshape(-1)].reshape(len(rows), nb, bin_size, -1).sum(axis=2)  # (r, nb, d) unit-row sums
-            eq1 = 1.0 - (np.einsum("rbd,rbd->rb", s, s) - bin_size) / (bin_size * (bin_size - 1))
+            same = same_pairs(order.reshape(len(rows), nb, bin_size))  # (r, nb) ordered pairs of one segment
+            with np.errstate(invalid="ignore", divide="ignore"):
+                eq1 = 1.0 - (np.einsum("rbd,rbd->rb", s, s) - same) / (bin_size * bin_size - same)
             y[rows.start:rows.stop] = np.maximum(eq1, 0.0)
         else:
             assert w is not None
