@@ -169,3 +169,19 @@ def test_the_bootstrap_bias_is_the_mean_resample_minus_the_estimate():
 
     assert bootstrap_bias(np.array([0.5, 0.7, np.nan]), 0.9) == pytest.approx(-0.3)
     assert bootstrap_bias(np.array([np.nan]), 0.9) is None and bootstrap_bias(np.array([0.1]), None) is None
+
+
+def test_the_perplexity_difference_resamples_whole_groups():
+    from dispersion.measure.bootstrap import bootstrap_ppl_difference
+
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(12), rng.integers(3, 9, 12))  # windows of uneven token counts
+    lp_a = -rng.gamma(2.0, 1.0, groups.size)
+    lp_b = lp_a - rng.normal(0.05, 0.1, groups.size)
+    diff, boot = bootstrap_ppl_difference(lp_a, lp_b, groups, n_boot=40, seed=9)
+    assert diff == pytest.approx(np.exp(-lp_b.mean()) - np.exp(-lp_a.mean()))
+    naive_rng = np.random.default_rng(9)
+    for r in range(40):  # the resample written out: draw 12 windows, concatenate their tokens
+        drawn = naive_rng.integers(0, 12, 12)
+        tokens = np.concatenate([np.flatnonzero(groups == g) for g in drawn])
+        assert boot[r] == pytest.approx(np.exp(-lp_b[tokens].mean()) - np.exp(-lp_a[tokens].mean()), rel=1e-12)

@@ -250,6 +250,28 @@ def test_options_are_checked():
         parse_config({**base, "analysis": {"knnlm": {"pool_windows": 50}}})
     with pytest.raises(ConfigError, match=r"analysis.knnlm.lam"):
         parse_config({**base, "analysis": {"knnlm": {"lam": 1.0}}})
+    same = {"name": "x", "embedded": "prose", "split": "validation"}
+    with pytest.raises(ConfigError, match=r"analysis.knnlm.evaluation: the same text as the datastore "
+                                          r"\(embedded prose, split validation\): every evaluated token would "
+                                          r"retrieve itself"):
+        parse_config({**base, "analysis": {"knnlm": {"datastore": same, "evaluation": {**same, "name": "y"}}}})
+    with pytest.raises(ConfigError, match="the same text as the datastore"):
+        parse_config({**base, "analysis": {"knnlm": {"datastore": {**same, "split": "all"}}}})
+
+
+def test_the_overlap_check_counts_shared_ngrams_and_refuses_the_same_text():
+    """The share of evaluation n-grams found in the datastore, against a set of tuples."""
+    from dispersion.analyses.knnlm import NGRAM, shared_ngrams
+
+    rng = np.random.default_rng(0)
+    store = [rng.integers(0, 500, 100) for _ in range(20)]
+    evals = [rng.integers(0, 500, 100) for _ in range(10)] + [store[3][10:90], store[7]]
+    grams = {tuple(w[i:i + NGRAM]) for w in store for i in range(len(w) - NGRAM + 1)}
+    ev = [tuple(w[i:i + NGRAM]) for w in evals for i in range(len(w) - NGRAM + 1)]
+    want = sum(g in grams for g in ev) / len(ev)
+    assert shared_ngrams(store, evals) == pytest.approx(want) and 0.1 < want < 0.2
+    assert shared_ngrams(store, store) == 1.0
+    assert shared_ngrams(store, [np.arange(10)]) == 0.0  # shorter than an n-gram: nothing to compare
 
 
 @pytest.mark.slow
@@ -275,6 +297,13 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
     assert all(c["k"] == 64 and c["datastore"] == 1519 and c["base_ppl"] > 1 for c in cands)
     verdict = store.read_table("results/knnlm_verdict/t.parquet").to_pylist()
     assert len(verdict) == 1 and verdict[0]["candidates"] == 6 and verdict[0]["att_more_dispersed"] is not None
+    v = verdict[0]  # the pair at the tuned (lambda, T) of each key, its interval over the evaluation windows
+    pair = {c["site"]: c for c in cands if c["layer"] == "2" and c["site"] in ("resid_mid", "block")}
+    assert v["pair_ppl_diff"] == pytest.approx(pair["block"]["tuned_ppl"] - pair["resid_mid"]["tuned_ppl"])
+    assert v["pair_ci_low"] <= v["pair_ci_high"] and 0 < v["pair_p"] <= 1 and v["pair_n_boot"] == 1000
+    assert v["pair_tokens"] == pair["block"]["test_tokens"] and 1 <= v["pair_windows"] <= 6
+    claim = next(r for r in result.tables["claims"].to_pylist() if r["claim"] == "dispersed_key_is_better")
+    assert claim["p"] == v["pair_p"] and claim["verdict"] in ("supported", "contradicted", "inconclusive")
     t1 = store.read_table("results/knnlm_table1/t.parquet").to_pylist()
     assert {r["layer"] for r in t1} == {"0", "1", "2", "final"}
     from dispersion.analyses.knnlm import plan, table1_draws

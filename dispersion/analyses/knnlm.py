@@ -57,10 +57,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from dispersion.analyses.registry import Planned, Section, Step, StepContext
+from dispersion.analyses.registry import BootstrapSpec, Planned, Section, Step, StepContext
 from dispersion.core.config import DatasetSpec, LayerRef, ScanConfig, Site, Strict
 from dispersion.core.errors import ConfigError, DataError
 from dispersion.core.storage import Store
+from dispersion.measure.bootstrap import bootstrap_p, bootstrap_ppl_difference, interval
 from dispersion.measure.knn_index import IndexSpec
 from dispersion.measure.knnlm import ForwardSpec, KnnUnit, Target
 from dispersion.measure.scan import ModelRevision
@@ -145,11 +146,70 @@ class KnnlmOptions(Strict):
             raise ValueError(f"chunks: N = {max(self.chunks)} exceeds pool_windows ({self.pool_windows})")
         if self.eval_windows > self.pool_windows:
             raise ValueError(f"eval_windows: {self.eval_windows} exceeds pool_windows ({self.pool_windows})")
+        if same_text(self.datastore, self.evaluation):
+            raise ValueError(f"evaluation: the same text as the datastore ({_describe(self.evaluation)}): every "
+                             f"evaluated token would retrieve itself (p_kNN of the target near 1); evaluate on "
+                             f"another split")
         return self
 
     @property
     def t1_sites(self) -> list[str]:
         return list(dict.fromkeys(self.table1_sites if self.table1_sites is not None else self.sites))
+
+
+def _describe(d: DatasetSpec) -> str:
+    if d.hf is not None:
+        return f"{d.hf.path}, split {d.hf.split}"
+    return f"embedded {d.embedded}, split {d.split}"
+
+
+def same_text(a: DatasetSpec, b: DatasetSpec) -> bool:
+    """Whether two dataset specs read the same documents (one split ``all`` covers the others)."""
+    if a.embedded is not None and b.embedded is not None:
+        return a.embedded == b.embedded and (a.split == b.split or "all" in (a.split, b.split))
+    if a.hf is not None and b.hf is not None:
+        return (a.hf.path, a.hf.name, a.hf.split) == (b.hf.path, b.hf.name, b.hf.split)
+    return False
+
+
+NGRAM = 32  # tokens of the n-grams the overlap check compares
+MAX_SHARED = 0.5  # the share of evaluation n-grams also in the datastore that ends the step
+
+
+def shared_ngrams(store_windows: Sequence[np.ndarray], eval_windows: Sequence[np.ndarray], n: int = NGRAM) -> float:
+    """The share of the evaluation windows' n-grams (token ids) that occur in the datastore
+    windows: 1.0 when the two are the same text, a few percent for text that shares
+    boilerplate. Each n-gram is a 64-bit polynomial hash of its ids."""
+    def hashes(windows: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        for w in windows:
+            ids = np.asarray(w, dtype=np.uint64)
+            if ids.size < n:
+                continue
+            h = np.zeros(ids.size - n + 1, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for k in range(n):  # h = sum_k ids[i + k] * P^(n-1-k) mod 2^64
+                    h = h * np.uint64(1_000_003) + ids[k:ids.size - n + 1 + k]
+            out.append(h)
+        return np.concatenate(out) if out else np.empty(0, np.uint64)
+
+    ev = hashes(eval_windows)
+    return float(np.isin(ev, hashes(store_windows)).mean()) if ev.size else 0.0
+
+
+def check_overlap(store: Store, ws, we, opts: KnnlmOptions, log: Callable[[str], None]) -> float:
+    """Refuse (one line) a datastore that holds most of the evaluation text; log the share."""
+    def windows(seg) -> list[np.ndarray]:
+        return [np.asarray(t, dtype=np.int64) for k in range(len(seg.shard_rows))
+                for t in seg.read_shard(store, k).column("token_ids").to_pylist()]
+
+    share = shared_ngrams(windows(ws), windows(we))
+    if share >= MAX_SHARED:
+        raise DataError(f"{FIELD}.evaluation: {share:.0%} of its {NGRAM}-token n-grams are in the datastore "
+                        f"({_describe(opts.datastore)}): the evaluated tokens would retrieve themselves; "
+                        f"evaluate on text the datastore does not hold")
+    log(f"knnlm: {share:.2%} of the evaluation's {NGRAM}-token n-grams also occur in the datastore")
+    return share
 
 
 # --------------------------------------------------------------------------- #
@@ -243,6 +303,7 @@ def plan(config: ScanConfig, store: Store, opts: KnnlmOptions, log: Callable[[st
                                  shard_size=opts.shard_windows, seed=opts.seed, log=log)
             we = prepare_windows(config, store, tok, fp, opts.evaluation, length=length, count=opts.pool_windows,
                                  shard_size=opts.shard_windows, seed=opts.seed, log=log)
+            check_overlap(store, ws, we, opts, log)
             windows[(fp, length)] = (ws, we)
         ws, we = windows[(fp, length)]
         pool = int(sum(we.shard_rows))
@@ -287,7 +348,8 @@ def table1_draws(pool: int, chunks: Sequence[int], seeds: int, seed: int) -> dic
             for n in chunks if n <= pool for s in range(seeds)}
 
 
-def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str], None] = print) -> Measured:
+def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str], None] = print,
+            boot: BootstrapSpec | None = None) -> Measured:
     """Table 1, the per-chunk rows, and every candidate's kNN-LM scores of one model@revision."""
     from dispersion.measure import knn_index as ki
     from dispersion.measure import knnlm as kn
@@ -327,6 +389,7 @@ def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str],
     tune = np.asarray([h == "tune" for h in toks.column("half").to_pylist()])
     values = np.asarray(kn.read_table(store, p.store_units, "values", columns=["value"]).column("value").to_numpy(),
                         np.int64)
+    test_lp: dict[str, np.ndarray] = {}  # per final-block pair site: its test tokens' tuned log-probabilities
     for t in p.spec.candidates:
         index, kind = ki.candidate_index(store, p.store_units, t, opts.index, log)
         queries = kn.vectors_of(kn.read_table(store, p.eval_units, kn.query_table(t)), "query")
@@ -334,6 +397,8 @@ def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str],
                      temperature=opts.temperature, lambdas=opts.lambdas,
                      temperature_scales=opts.temperature_scales, index_kind=kind)
         del index, queries
+        if t[0] == str(p.n_layers) and t[1] in ("resid_mid", "block") and s.test_logprob is not None:
+            test_lp[t[1]] = s.test_logprob
         out.candidates.append({
             **base, "layer": t[0], "site": t[1], "key": f"{t[1]}@{t[0]}", "final_block": t[0] == str(p.n_layers),
             "dispersion": disp.get(t), "within": within_mean.get(t), "n_chunks": n_max,
@@ -347,7 +412,24 @@ def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str],
         log(f"knnlm: {mr.model} {t[1]}@{t[0]}: ppl {s.base_ppl:.2f} -> {s.knn_ppl:.2f} "
             f"(tuned {s.tuned_ppl:.2f}, lambda {s.tuned_lambda:g}) over {s.n_store} keys in {s.seconds:.1f}s")
     out.verdict = verdict(base, out.candidates, str(p.n_layers))
+    windows = np.asarray(toks.column("window").to_numpy(), np.int64)[~tune]  # (test tokens,)
+    out.verdict.update(pair_interval(test_lp, windows, boot or BootstrapSpec()))
     return out
+
+
+def pair_interval(test_lp: dict[str, np.ndarray], windows: np.ndarray, boot: BootstrapSpec) -> dict:
+    """The paper's pair on the test tokens at each key's tuned (λ, T): perplexity with the
+    ``block`` key minus with the ``resid_mid`` key (> 0: ``resid_mid`` is better), its
+    bootstrap interval over the evaluation windows and the bootstrap p of a zero difference."""
+    none = {"pair_ppl_diff": None, "pair_ci_low": None, "pair_ci_high": None, "pair_p": None,
+            "pair_windows": None, "pair_tokens": None, "pair_n_boot": None}
+    if len(test_lp) < 2 or not boot.n:
+        return none
+    diff, resampled = bootstrap_ppl_difference(test_lp["resid_mid"], test_lp["block"], windows, n_boot=boot.n,
+                                               seed=boot.seed)
+    ci = interval(resampled, boot.level)
+    return {"pair_ppl_diff": diff, "pair_ci_low": ci.low, "pair_ci_high": ci.high, "pair_p": bootstrap_p(resampled),
+            "pair_windows": int(np.unique(windows).size), "pair_tokens": int(windows.size), "pair_n_boot": ci.n_boot}
 
 
 def _rho(x: Sequence[float | None], y: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -396,6 +478,9 @@ VERDICT_SCHEMA = pa.schema([
     ("att_dispersion", pa.float64()), ("ffn_dispersion", pa.float64()),
     ("att_knn_ppl", pa.float64()), ("ffn_knn_ppl", pa.float64()),
     ("att_more_dispersed", pa.bool_()), ("att_better", pa.bool_()), ("att_better_tuned", pa.bool_()),
+    # the pair at each key's tuned (λ, T): ppl(block) - ppl(resid_mid), bootstrap over evaluation windows
+    ("pair_ppl_diff", pa.float64()), ("pair_ci_low", pa.float64()), ("pair_ci_high", pa.float64()),
+    ("pair_p", pa.float64()), ("pair_windows", pa.int64()), ("pair_tokens", pa.int64()), ("pair_n_boot", pa.int64()),
 ])
 
 
@@ -511,7 +596,7 @@ def run(ctx: StepContext) -> Section:
     (FAISS search and scoring), and the verdict."""
     opts: KnnlmOptions = ctx.options("knnlm")
     plans: list[ModelPlan] = ctx.planned["knnlm"].detail
-    results = [measure(ctx.store, p, opts, log=ctx.log) for p in plans]
+    results = [measure(ctx.store, p, opts, log=ctx.log, boot=ctx.analysis.bootstrap) for p in plans]
     tables = tables_of(results)
     finals = {(p.mr.model, p.mr.revision): str(p.n_layers) for p in plans}
     figures = {"knnlm": plot_knnlm(tables["knnlm_candidates"]),

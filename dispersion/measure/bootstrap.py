@@ -37,8 +37,8 @@ import numpy as np
 
 from dispersion.measure.binning import MIN_POINTS, uniform_perplexity_bins
 
-__all__ = ["Interval", "bootstrap_bias", "bootstrap_binned", "bootstrap_p", "eq1_jackknife_se", "interval", "mean_se",
-           "permutation_p", "rowwise_pearson", "rowwise_spearman"]
+__all__ = ["Interval", "bootstrap_bias", "bootstrap_binned", "bootstrap_p", "bootstrap_ppl_difference",
+           "eq1_jackknife_se", "interval", "mean_se", "permutation_p", "rowwise_pearson", "rowwise_spearman"]
 
 CHUNK_VALUES = 1 << 24  # floats gathered at once (resamples x segments x d): bounds the memory of a step
 
@@ -205,6 +205,28 @@ def mean_se(values: np.ndarray) -> float:
     """Standard error of a mean, s / sqrt(n) (what the jackknife gives for a mean); NaN below 2."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+
+
+def bootstrap_ppl_difference(lp_a: np.ndarray, lp_b: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000,
+                             seed: int = 0) -> tuple[float, np.ndarray]:
+    """Perplexity of b minus perplexity of a over the same tokens, and its ``n_boot``
+    resampled values, resampling the ``groups`` (e.g. the evaluation windows, whose tokens are
+    not independent) with replacement: a resample's perplexity is
+    exp(-sum of its groups' log-probabilities / their token count), a group drawn twice
+    counted twice. ``lp_a``, ``lp_b``: (T,) natural-log probabilities; ``groups``: (T,) ids."""
+    a, b = np.asarray(lp_a, np.float64), np.asarray(lp_b, np.float64)
+    _, g = np.unique(np.asarray(groups), return_inverse=True)  # (T,) group index 0..G-1
+    G = int(g.max()) + 1 if g.size else 0
+    sum_a, sum_b = np.bincount(g, a, G), np.bincount(g, b, G)  # (G,) per-group log-prob sums
+    count = np.bincount(g, minlength=G).astype(np.float64)  # (G,) tokens per group
+    observed = float(np.exp(-b.sum() / b.size) - np.exp(-a.sum() / a.size))
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for r in range(n_boot):
+        w = np.bincount(rng.integers(0, G, G), minlength=G).astype(np.float64)  # (G,) times drawn
+        n = w @ count
+        out[r] = np.exp(-(w @ sum_b) / n) - np.exp(-(w @ sum_a) / n)
+    return observed, out
 
 
 def permutation_p(statistic: Callable[[np.ndarray], float | np.ndarray], labels: np.ndarray, *,

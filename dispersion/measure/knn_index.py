@@ -231,6 +231,7 @@ class Scores:
     tune_best_ppl: float
     nn_distance: float            # median squared L2 distance to the nearest key (tune half)
     seconds: float
+    test_logprob: np.ndarray | None = None  # (test tokens,) log-probability at the tuned (λ, T)
 
 
 def score(index, values: np.ndarray, queries: np.ndarray, targets: np.ndarray, lm_logprob: np.ndarray,
@@ -261,7 +262,8 @@ def score(index, values: np.ndarray, queries: np.ndarray, targets: np.ndarray, l
                   n_test=int(test.sum()), base_ppl=perplexity(lm_logprob[test]), knn_ppl=fixed,
                   tuned_lambda=float(best[1]), tuned_temperature=float(best[2]), tuned_ppl=tuned,
                   tune_base_ppl=perplexity(lm_logprob[tune]), tune_best_ppl=float(best[0]), nn_distance=scale,
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0,
+                  test_logprob=interpolate(lm_logprob[test], lp_by_t[best[2]][test], best[1]))
 
 
 def candidate_index(store: Store, units: Sequence[KnnUnit], target: Target, spec: IndexSpec,
