@@ -110,10 +110,12 @@ def test_scan_a_model_from_the_command_line(micro_zoo, tmp_path):
     assert "\r" not in out.stdout + out.stderr and "\x1b[" not in out.stdout + out.stderr  # no bars, no colours
     assert "…" not in out.stdout  # tables are not squeezed to 80 columns in a pipe
     assert "torch: 1 intra-op thread (OMP_NUM_THREADS)" in out.stdout  # threads follow the CPU budget
-    # the report: metadata and findings (rho, p, n) first, then appendices; a self-contained HTML page
+    # the report: metadata, the claims ledger and the findings (rho with its interval, p, n) first, then
+    # appendices; a self-contained HTML page
     md = (store / "results" / "report" / "tiny-prose.md").read_text()
-    assert md.index("| run | `tiny-prose`") < md.index("## Findings") < md.index("## Appendix A") < md.index("## Appendix B")
-    assert "| model | revision | dataset | scope | bins | Spearman ρ | p | Pearson r | p |" in md
+    assert (md.index("| run | `tiny-prose`") < md.index("## Claims of paper 001") < md.index("## Findings")
+            < md.index("## Appendix A") < md.index("## Appendix B"))
+    assert "| model | revision | dataset | scope | bins | Spearman ρ | interval | p | Pearson r | interval |" in md
     html = (store / "results" / "report" / "tiny-prose.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     assert 'src="data:image/png;base64,' in html and 'src="tiny-prose.png"' not in html

@@ -23,6 +23,7 @@ _PARTITION = {
     "run": "the name of the run (its config's `name`) that produced the row; results of several configs "
            "in one root differ here",
     "run_id": "the id of that scan: `runs/{run_id}/manifest.json`, a row of `runs`",
+    "seed": "the sampling seed of the sample (`sampling.seed`, or one of `sampling.seeds`)",
 }
 
 _RESULT = {
@@ -78,7 +79,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "dispersion": "mean pairwise cosine distance (Eq. 1) of the bin's vectors, or the within-scope mean",
         "vendi": "Vendi score of the bin (cosine kernel; NULL unless the vendi step ran)",
         "selected": "whether Algorithm 1 picked the bin (K bins uniform in perplexity)",
-        "step": _PARTITION["step"], "run": _PARTITION["run"],
+        "dispersion_se": "the bin's standard error: jackknife of Eq. 1 over its members (across), s / sqrt(n) "
+                         "(within)",
+        "seed": _PARTITION["seed"], "step": _PARTITION["step"], "run": _PARTITION["run"],
     },
     "correlations": {
         **{k: _PARTITION[k] for k in ("model", "revision", "dataset", "sample", "spec")},
@@ -88,8 +91,17 @@ COLUMNS: dict[str, dict[str, str]] = {
         "pearson_r": "Pearson r of bin mean perplexity vs dispersion",
         "pearson_p": "its two-sided p-value",
         "spearman_r": "Spearman rho of bin mean perplexity vs dispersion",
-        "spearman_p": "its two-sided p-value",
-        "step": _PARTITION["step"], "run": _PARTITION["run"],
+        "spearman_p": "its two-sided p-value (asymptotic, over the bins)",
+        "ci_low": "Spearman rho, lower end of its bootstrap percentile interval (segments resampled and "
+                  "re-binned; docs/ANALYSES.md)",
+        "ci_high": "Spearman rho, upper end of its bootstrap interval",
+        "pearson_ci_low": "Pearson r, lower end of its bootstrap interval (the same resamples)",
+        "pearson_ci_high": "Pearson r, upper end of its bootstrap interval",
+        "n_boot": "resamples behind the intervals (`analysis.bootstrap.n`; undefined ones left out)",
+        "ci_level": "the intervals' coverage (`analysis.bootstrap.level`)",
+        "boot_p": "two-sided bootstrap p-value of rho = 0 (at least 2 / (n_boot + 1))",
+        "boot_bias": "mean resampled rho minus rho: the interval leans toward 0 by about this much",
+        "seed": _PARTITION["seed"], "step": _PARTITION["step"], "run": _PARTITION["run"],
     },
     "specs": {
         **{k: _PARTITION[k] for k in ("model", "revision", "dataset", "sample", "spec", "step")},
