@@ -237,6 +237,10 @@ def test_the_configs_validate():
     assert o.index.kind(116_988_150) == "ivfpq" and o.index.lists(116_988_150) == 4096
     assert candidate_layers(12, o.layers, o.max_layers) == ["12"]  # the final block, as Table 1
     assert candidate_layers(30, "all", 4) == ["8", "15", "22", "30"]
+    pair = load_config("configs/knnlm-pair.yaml").analysis.knnlm  # the pair at a size that can decide
+    assert pair.sites == ["resid_mid", "block"] and candidate_layers(30, pair.layers, pair.max_layers) == ["30"]
+    assert pair.datastore_tokens >= 200_000 and pair.index.kind(pair.datastore_tokens) == "ivfflat"
+    assert pair.eval_windows * (pair.window - 1) >= 20_000  # scored tokens, tune and test halves
 
 
 def test_options_are_checked():
