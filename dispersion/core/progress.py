@@ -6,7 +6,9 @@ plain lines, no carriage returns, no colours, one every ``every_s`` seconds and 
     extract: 1200/4000 segments (30%), 41.2/s, ETA 1m08s [gpt2-tiny@step100]
 
 ``Progress(total, "extract", unit="segments", log=print)`` is used like a bar: ``update(n)``,
-``note(text)`` for the bracketed detail, ``close()`` (or a ``with`` block).
+``note(text)`` for the bracketed detail, ``close()`` (or a ``with`` block). With ``work`` (the
+total expected work, e.g. FLOPs) and ``update(n, work=w)``, the ETA is the remaining work at the
+rate work has been done so far: rows of a model a hundred times cheaper count a hundredth.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ class Progress:
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", log: Callable[[str], None] = print,
                  enabled: bool = True, every_s: float = 30.0, bar: bool | None = None, initial: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, work: float | None = None):
         self.total, self.desc, self.unit, self.log = int(total), desc, unit, log
         self.enabled, self.every_s, self.clock = enabled, every_s, clock
         self.n = self.initial = int(initial)
+        # the ETA follows work (e.g. FLOPs) when given: rows of a cheap model count for less
+        self.work_total = float(work) if work is not None else None
+        self.work_done = 0.0
         self.detail = ""
         self.t0 = self.last = clock()
         self._bar = None
@@ -59,13 +64,20 @@ class Progress:
         elapsed = self.clock() - self.t0
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        eta = f", ETA {duration((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        eta = ""
+        if self.n < self.total:
+            if self.work_total is not None and self.work_done > 0 and elapsed > 0:
+                eta = f", ETA {duration((self.work_total - self.work_done) / (self.work_done / elapsed))}"
+            elif rate > 0:
+                eta = f", ETA {duration((self.total - self.n) / rate)}"
         done = f", {duration(elapsed)}" if self.n >= self.total else ""
         extra = f" [{self.detail}]" if self.detail else ""
         return f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {rate:.1f}/s{eta}{done}{extra}"
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, work: float | None = None) -> None:
+        """``n`` more rows done, carrying ``work`` (default: ``n``) of the total work."""
         self.n += int(n)
+        self.work_done += float(n if work is None else work)
         if not self.enabled:
             return
         if self._bar is not None:

@@ -90,6 +90,7 @@ class WorkUnit:
     spec_key: str
     dtype: str  # resolved dtype, part of spec_key
     extraction: ExtractionSpec | None = field(default=None, compare=False)  # what spec_key hashes
+    flops_per_segment: float = field(default=0.0, compare=False)  # forward FLOPs of one segment (progress)
 
     @property
     def n_rows(self) -> int:
@@ -99,6 +100,11 @@ class WorkUnit:
     @property
     def size(self) -> int:
         return self.n_rows
+
+    @property
+    def cost(self) -> float:
+        """Expected compute (FLOPs; rows when unknown): what progress weighs the unit by."""
+        return self.n_rows * self.flops_per_segment or float(self.n_rows)
 
     @property
     def model_key(self) -> tuple[str, str, str, str]:
@@ -180,9 +186,10 @@ def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None
     return out
 
 
-def _check_model_config(mr: ModelRevision, config: ScanConfig) -> tuple[int, int]:
+def _check_model_config(mr: ModelRevision, config: ScanConfig) -> tuple[int, int, float]:
     """Fail before any work if the layers or the segment length do not fit the model; returns
-    (hidden size, number of layers extracted), what a vector shard's size follows."""
+    (hidden size, number of layers extracted), what a vector shard's size follows, and the
+    forward FLOPs per token (:func:`flops_per_token`), what its time follows."""
     from transformers import AutoConfig
 
     from dispersion.measure.modeling import max_positions
@@ -210,7 +217,24 @@ def _check_model_config(mr: ModelRevision, config: ScanConfig) -> tuple[int, int
                           f"{mr.model}@{mr.revision} ({limit})")
     hidden = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model")
                    if isinstance(getattr(cfg, k, None), int)), 0)
-    return hidden, len(names)
+    return hidden, len(names), flops_per_token(cfg)
+
+
+def flops_per_token(cfg) -> float:
+    """About the forward FLOPs of one token (Kaplan et al. 2020): 2 x the non-embedding
+    parameters of L blocks of width d (attention 4 d^2, less with grouped key/value heads; an MLP of
+    2 or, gated, 3 d x inner, 8 d^2 at the usual 4 d), plus 2 d V for the LM head.
+    What progress weighs a unit by; 0 when the config names no width."""
+    from dispersion.measure.modeling import num_layers
+
+    d = next((getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if isinstance(getattr(cfg, k, None), int)),
+             0)
+    inner = next((getattr(cfg, k) for k in ("intermediate_size", "n_inner", "ffn_dim")
+                  if isinstance(getattr(cfg, k, None), int)), 4 * d)
+    mlp = 3 * d * inner if getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2", "gemma") else 2 * d * inner
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    attn = 2 * d * d + 2 * d * (d * kv // heads if isinstance(heads, int) and isinstance(kv, int) else d)  # q, o; k, v
+    return 2.0 * (num_layers(cfg) * (attn + mlp) + d * int(getattr(cfg, "vocab_size", 0) or 0))
 
 
 def publish_bytes(unit: WorkUnit, hidden: int, n_layers: int) -> int:
@@ -335,8 +359,10 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     tok_cache: dict[tuple, tuple] = {}
     mrs = model_revisions(config, log=log)
     widths: dict[str, tuple[int, int]] = {}
+    flops: dict[str, float] = {}
     for mr in mrs:
-        widths[mr.field] = _check_model_config(mr, config)
+        hidden, n_layers, flops[mr.field] = _check_model_config(mr, config)
+        widths[mr.field] = (hidden, n_layers)
         if sample:
             check_weights(mr.source, field=mr.field)
     for mr in mrs:  # every tokenizer loads before anything is sampled
@@ -357,7 +383,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
                 seg_cache[(fp, n, seed)] = prepare_segments(seeded, store, tok, fp, log, num_segments=n,
                                                             defer=publish, sample=sample)
             for seg in seg_cache[(fp, n, seed)].values():
-                units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction)
+                units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction,
+                                      flops[mr.field] * config.sampling.segment_length)
                              for k in range(len(seg.shard_rows)))
     if sample:
         warn_if_short_of_space(units, widths, store, log)

@@ -9,7 +9,8 @@ query set (:class:`dispersion.measure.queries.QueryUnit`). Every kind has
 * ``marker_rel``: its done marker, written last, naming the files and their checksums;
   :meth:`Unit.expect` lists the marker fields that must match for the unit to count as done;
 * ``model_key``: units that share it share one loaded model (:meth:`Unit.load`);
-* ``size``: its rows (segments, windows, queries), for progress;
+* ``size``: its rows (segments, windows, queries), for progress; an optional ``cost`` (expected
+  compute, e.g. FLOPs; default ``size``) weighs the progress ETA;
 * :meth:`Unit.run`: compute with the loaded model and publish, data first, marker last.
 
 An analysis step whose measurement is one small table per model@revision (a condensation map,
@@ -67,6 +68,11 @@ class Unit(Protocol):
     def load(self) -> Any: ...
 
     def run(self, store: Store, loaded: Any, progress: Tick | None = None) -> dict: ...
+
+
+def cost_of(unit: Unit) -> float:
+    """A unit's expected compute (its ``cost`` when it has one, else its rows)."""
+    return float(getattr(unit, "cost", None) or unit.size)
 
 
 def model_of(unit: Any) -> Any:
@@ -312,7 +318,12 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
             log(f"all {len(units)} {what} units already done")
         return stats
     t0 = time.perf_counter()
-    bar = Progress(sum(u.size for u in pending), what, unit=unit_name, log=log, enabled=progress)
+    bar = Progress(sum(u.size for u in pending), what, unit=unit_name, log=log, enabled=progress,
+                   work=sum(cost_of(u) for u in pending))
+
+    def tick(unit: Unit) -> Tick:  # rows of this unit done, with their share of its cost
+        return lambda n: bar.update(n, work=n * cost_of(unit) / max(unit.size, 1))
+
     leases = Leases(store, owner=owner, seconds=lease_seconds)
     loaded = Loaded(on_load=lambda u: bar.note(u.describe().split(" ")[0]))
     waiting = Waiting(store, lease_seconds, log)
@@ -321,13 +332,13 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
         while queue:
             held: list[tuple[Unit, dict]] = []
             for unit in queue:
-                status, info = run_leased(unit, store, leases, loaded, progress=bar.update, log=log)
+                status, info = run_leased(unit, store, leases, loaded, progress=tick(unit), log=log)
                 stats.count(status, unit, info)
                 if status == "leased":
                     held.append((unit, info))
                 elif status == "done":
-                    bar.update(unit.size)
-            queue = waiting.settle(held, stats, on_done=lambda u: bar.update(u.size))
+                    bar.update(unit.size, work=cost_of(unit))
+            queue = waiting.settle(held, stats, on_done=lambda u: bar.update(u.size, work=cost_of(u)))
     except BaseException as err:  # Ctrl-C, SIGTERM: the command says how far this run got
         err.units_done = (stats.ran, len(pending))  # type: ignore[attr-defined]
         raise
