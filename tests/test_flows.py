@@ -50,6 +50,28 @@ def test_checkpoint_sweep_adds_only_new_checkpoints(micro_zoo, tmp_path):
     assert traj[-1]["corpus_ppl"] < traj[0]["corpus_ppl"]
 
 
+def test_a_growing_checkpoint_folder_is_swept_incrementally(micro_zoo, tmp_path):
+    """A training run's checkpoint folder that keeps growing, swept each night: each run
+    extracts only the checkpoints that arrived since the last one; the trajectory grows."""
+    import shutil
+
+    from flows.checkpoint_sweep import checkpoint_sweep
+
+    root = tmp_path / "nightly"
+    cfg = flow_config(micro_zoo, root, tmp_path / "cfg.yaml")
+    zoo, growing = Path(micro_zoo.cache) / "gpt2-tiny", tmp_path / "run" / "gpt2-tiny"
+    for step in ("step0", "step10"):  # what the training run has written by the first night
+        shutil.copytree(zoo / step, growing / step)
+    ckpts = str(growing / "step*")
+    first = checkpoint_sweep(cfg, "gpt2-tiny", checkpoint_glob=ckpts, root=str(root))
+    assert first["units"] == 8 and first["ran"] == 8
+    shutil.copytree(zoo / "step20", growing / "step20")  # the next checkpoint arrives
+    second = checkpoint_sweep(cfg, "gpt2-tiny", checkpoint_glob=ckpts, root=str(root))
+    assert second["units"] == 12 and second["ran"] == 4  # only step20
+    traj = pq.read_table(second["trajectory"]).to_pylist()
+    assert [r["revision"] for r in traj] == ["step0", "step10", "step20"]
+
+
 
 def _kill_actor_after_first_unit(done_dir: Path, killed: list) -> None:
     deadline = time.monotonic() + 120
