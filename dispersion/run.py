@@ -112,7 +112,7 @@ def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str
         "run": f"`{config.name}`" + (f" (run id `{run_id}`)" if run_id else ""),
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f" by dispersion {__version__}",
         "models": "; ".join(f"{m} ({revs(r)})" for m, r in revisions.items()),
-        "datasets": ", ".join(f"{d.name} ({d.embedded or (d.hf.path if d.hf else '')}, {d.split})"
+        "datasets": ", ".join(f"{d.name} ({d.embedded or (d.hf.path if d.hf else 'synthetic')}, {d.split})"
                               for d in config.datasets),
         "segments": f"{sum(samples.values())} in {len(samples)} samples, {s.segment_length} tokens each, "
                     + (f"seeds {', '.join(map(str, s.seeds))} (the steps, figures and findings: seed {s.seeds[0]})"

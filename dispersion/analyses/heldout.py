@@ -29,6 +29,8 @@ def heldout_pairs(datasets) -> dict[str, dict[str, str]]:
     for d in datasets:
         if d.embedded is not None:
             source, split = f"embedded:{d.embedded}", d.split
+        elif d.synthetic is not None:
+            source, split = f"synthetic:{d.synthetic.model_dump_json()}", d.split
         else:
             source, split = f"{d.hf.path}:{d.hf.name or ''}", d.hf.split
         by.setdefault(source, {})[split] = d.name

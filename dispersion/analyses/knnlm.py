@@ -160,6 +160,8 @@ class KnnlmOptions(Strict):
 def _describe(d: DatasetSpec) -> str:
     if d.hf is not None:
         return f"{d.hf.path}, split {d.hf.split}"
+    if d.synthetic is not None:
+        return f"synthetic {d.synthetic.kind} (seed {d.synthetic.seed}), split {d.split}"
     return f"embedded {d.embedded}, split {d.split}"
 
 
@@ -169,6 +171,8 @@ def same_text(a: DatasetSpec, b: DatasetSpec) -> bool:
         return a.embedded == b.embedded and (a.split == b.split or "all" in (a.split, b.split))
     if a.hf is not None and b.hf is not None:
         return (a.hf.path, a.hf.name, a.hf.split) == (b.hf.path, b.hf.name, b.hf.split)
+    if a.synthetic is not None and b.synthetic is not None:
+        return a.synthetic == b.synthetic and (a.split == b.split or "all" in (a.split, b.split))
     return False
 
 

@@ -100,18 +100,35 @@ class HFDatasetSource(Strict):
     trust_remote_code: bool = False
 
 
+class SyntheticSource(Strict):
+    """A generated corpus for load tests, not for science (:mod:`dispersion.measure.synthetic`):
+    ``documents`` documents of ``words`` words each, drawn from a Zipf law of exponent
+    ``exponent`` over ``vocabulary`` made-up words, seeded. The defaults, 2,000 x 20,000 words
+    (about 2.8 tokens a word with the zoo's tokenizer), hold about 200k segments of 512 tokens
+    with ``split: all`` (a split keeps its share of the documents, as the embedded corpus's)."""
+
+    kind: Literal["zipf"] = "zipf"
+    documents: Annotated[int, Field(gt=0)] = 2000
+    words: Annotated[int, Field(gt=0)] = 20_000
+    vocabulary: Annotated[int, Field(ge=2)] = 50_000
+    exponent: Annotated[float, Field(gt=0)] = 1.1
+    seed: int = 0
+
+
 class DatasetSpec(Strict):
-    """One text domain to sample segments from: the embedded corpus or a hub dataset."""
+    """One text domain to sample segments from: the embedded corpus, a hub dataset, or a
+    generated load-test corpus (``synthetic``)."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
     embedded: Literal["prose", "code"] | None = None
     split: Literal["train", "validation", "test", "all"] = "validation"
     hf: HFDatasetSource | None = None
+    synthetic: SyntheticSource | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.embedded is None) == (self.hf is None):
-            raise ValueError("give exactly one of 'embedded' or 'hf'")
+        if sum(x is not None for x in (self.embedded, self.hf, self.synthetic)) != 1:
+            raise ValueError("give exactly one of 'embedded', 'hf' or 'synthetic'")
         return self
 
 

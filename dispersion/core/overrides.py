@@ -7,6 +7,7 @@ Three forms, as lm-evaluation-harness users type them::
     --model zoo:gpt2-tiny@all   --model packaged:smollm2-135m   --model gguf:/path/model.gguf
     --dataset embedded:prose    --dataset embedded:code:test
     --dataset hf:wikitext:wikitext-103-raw-v1:validation:text
+    --dataset synthetic:zipf    (a generated load-test corpus, not text)
     -o sampling.num_segments=200 -o models.0.dtype=bfloat16 -o extraction.layers=[1,final]
 
 ``--model`` / ``--dataset`` replace the config's whole ``models`` / ``datasets`` list (you
@@ -129,8 +130,8 @@ def _folder_entry(spec: str, name: str | None, ref: str, revisions: list[str] | 
 
 
 def dataset_entry(spec: str) -> dict[str, Any]:
-    """One ``--dataset`` value (``embedded:DOMAIN[:SPLIT]`` or
-    ``hf:PATH[:NAME[:SPLIT[:FIELD]]]``) as a ``datasets`` entry of the config."""
+    """One ``--dataset`` value (``embedded:DOMAIN[:SPLIT]``, ``hf:PATH[:NAME[:SPLIT[:FIELD]]]``
+    or ``synthetic:zipf[:SPLIT]``, the load-test corpus) as a ``datasets`` entry of the config."""
     name, body = _split_name(spec.strip(), "--dataset")
     kind, _, rest = body.partition(":")
     parts = rest.split(":") if rest else []
@@ -139,12 +140,18 @@ def dataset_entry(spec: str) -> dict[str, Any]:
         if len(parts) == 2:
             entry["split"] = parts[1]
         return entry
+    if kind == "synthetic" and 1 <= len(parts) <= 2 and parts[0] == "zipf":
+        entry = {"name": name or "zipf", "synthetic": {"kind": "zipf"}}
+        if len(parts) == 2:
+            entry["split"] = parts[1]
+        return entry
     if kind == "hf" and 1 <= len(parts) <= 4 and parts[0]:
         keys = ("path", "name", "split", "text_field")
         hf = {k: v for k, v in zip(keys, parts, strict=False) if v}
         default = _name_of(parts[1]) if len(parts) > 1 and parts[1] else _name_of(parts[0])
         return {"name": name or default, "hf": hf}
-    raise ConfigError(f"--dataset {spec}: expected embedded:DOMAIN[:SPLIT] or hf:PATH[:NAME[:SPLIT[:FIELD]]]")
+    raise ConfigError(f"--dataset {spec}: expected embedded:DOMAIN[:SPLIT], hf:PATH[:NAME[:SPLIT[:FIELD]]] or "
+                      f"synthetic:zipf[:SPLIT]")
 
 
 def set_path(data: dict[str, Any], assignment: str) -> None:

@@ -181,6 +181,10 @@ def document_source(spec) -> Callable[[], Iterator[Document]]:  # spec: dispersi
     if spec.embedded is not None:
         docs = embedded_documents(spec.embedded, spec.split)
         return lambda: iter(docs)
+    if spec.synthetic is not None:
+        from dispersion.measure.synthetic import synthetic_documents
+
+        return lambda: synthetic_documents(spec.synthetic, spec.split)
     h = spec.hf
 
     def open_docs() -> Iterator[Document]:
@@ -201,5 +205,8 @@ def dataset_key(spec) -> str:
         import sys
 
         return f"embedded:{spec.embedded}:{spec.split}:py{sys.version_info[0]}.{sys.version_info[1]}"
+    if spec.synthetic is not None:
+        g = spec.synthetic
+        return f"synthetic:{g.kind}:{g.documents}:{g.words}:{g.vocabulary}:{g.exponent}:{g.seed}:{spec.split}"
     h = spec.hf
     return f"hf:{h.path}:{h.name}:{h.split}:{h.text_field}:{h.max_documents}:{h.group_rows}"
