@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import scan_config_dict
 
-from dispersion.core.config import SyntheticSource
+from dispersion.core.config import DatasetSpec, SyntheticSource
 from dispersion.core.overrides import dataset_entry
 from dispersion.measure.corpus import split_of
-from dispersion.measure.synthetic import synthetic_documents, word, zipf_weights
+from dispersion.measure.corpus import document_source
+from dispersion.measure.synthetic import word, zipf_weights
 
 
 def test_every_rank_has_its_own_word_and_frequent_words_are_short():
@@ -23,9 +24,10 @@ def test_every_rank_has_its_own_word_and_frequent_words_are_short():
 
 def test_documents_follow_the_zipf_law_and_are_the_same_on_every_call():
     src = SyntheticSource(documents=30, words=4000, vocabulary=500, exponent=1.1, seed=7)
-    docs = list(synthetic_documents(src, "all"))
+    every = document_source(DatasetSpec(name="z", split="all", synthetic=src))
+    docs = list(every())
     assert [d.doc_id for d in docs] == [f"zipf-7-{i}" for i in range(30)]
-    assert [d.text for d in synthetic_documents(src, "all")] == [d.text for d in docs]
+    assert [d.text for d in every()] == [d.text for d in docs]
     counts: dict[str, int] = {}
     for d in docs:
         for w in d.text.split(" "):
@@ -35,7 +37,7 @@ def test_documents_follow_the_zipf_law_and_are_the_same_on_every_call():
     for rank in (1, 2, 5, 20):  # observed share within 5 standard errors of the law
         share = counts.get(word(rank), 0) / total
         assert abs(share - p[rank - 1]) < 5 * np.sqrt(p[rank - 1] * (1 - p[rank - 1]) / total)
-    val = list(synthetic_documents(src, "validation"))
+    val = list(document_source(DatasetSpec(name="z", split="validation", synthetic=src))())
     assert [d.doc_id for d in val] == [d.doc_id for d in docs if split_of(d.doc_id) == "validation"]
 
 

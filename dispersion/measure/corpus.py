@@ -182,9 +182,12 @@ def document_source(spec) -> Callable[[], Iterator[Document]]:  # spec: dispersi
         docs = embedded_documents(spec.embedded, spec.split)
         return lambda: iter(docs)
     if spec.synthetic is not None:
-        from dispersion.measure.synthetic import synthetic_documents
+        from dispersion.measure.synthetic import synthetic_texts
 
-        return lambda: synthetic_documents(spec.synthetic, spec.split)
+        def keep(doc_id: str) -> bool:
+            return spec.split == "all" or split_of(doc_id) == spec.split
+
+        return lambda: (Document(i, text) for i, text in synthetic_texts(spec.synthetic, keep))
     h = spec.hf
 
     def open_docs() -> Iterator[Document]:

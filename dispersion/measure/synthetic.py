@@ -13,11 +13,9 @@ follow the embedded corpus's rule (a stable hash of the document id).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
-
-from dispersion.measure.corpus import Document, split_of
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -41,15 +39,16 @@ def zipf_weights(vocabulary: int, exponent: float) -> np.ndarray:
     return w / w.sum()
 
 
-def synthetic_documents(source, split: str = "all") -> Iterator[Document]:
-    """The documents of a :class:`dispersion.core.config.SyntheticSource` in ``split``, made
-    one at a time."""
+def synthetic_texts(source, keep: Callable[[str], bool] = lambda doc_id: True) -> Iterator[tuple[str, str]]:
+    """``(doc_id, text)`` of the documents of a :class:`dispersion.core.config.SyntheticSource`
+    whose id ``keep`` accepts (a split), made one at a time
+    (:func:`dispersion.measure.corpus.document_source` makes them documents)."""
     words = np.array([word(r) for r in range(1, source.vocabulary + 1)], dtype=object)
     cdf = np.cumsum(zipf_weights(source.vocabulary, source.exponent))
     for i in range(source.documents):
         doc_id = f"zipf-{source.seed}-{i}"
-        if split != "all" and split_of(doc_id) != split:
+        if not keep(doc_id):
             continue
         rng = np.random.default_rng([source.seed, i])
         ranks = np.minimum(np.searchsorted(cdf, rng.random(source.words)), source.vocabulary - 1)  # (words,)
-        yield Document(doc_id, " ".join(words[ranks]))
+        yield doc_id, " ".join(words[ranks])
