@@ -32,8 +32,12 @@ def test_local_revisions_resolve_to_sub_folders(checkpoint_folder):
     assert model.config.n_layer == 1 and not model.training
     with pytest.raises(ModelError, match=r"revision 'step7' not found .*present: step0, step5"):
         resolve_source(str(checkpoint_folder), "step7", field="models.0.id")
+    with pytest.raises(ModelError, match=r"holds checkpoint folders \(step0, step5\), not a model: name the "
+                                         r"revisions to scan \(for example revisions: \[step5\]"):
+        resolve_source(str(checkpoint_folder), "main", field="models.0.id")  # the parent of the checkpoints
+    (checkpoint_folder / "notes").mkdir(exist_ok=True)
     with pytest.raises(ModelError, match="has no config.json"):
-        resolve_source(str(checkpoint_folder), "main")
+        resolve_source(str(checkpoint_folder / "notes"), "main")
     with pytest.raises(ModelError, match="no such model folder"):
         resolve_source(str(checkpoint_folder / "nope"), "main")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dispersion.core.errors import ModelError
-from dispersion.core.ids import digest
+from dispersion.core.ids import digest, step_of
 from dispersion.core.overrides import looks_like_path
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -61,6 +61,13 @@ def resolve_source(model_id: str, revision: str | None, *, field: str = "id",
                 raise ModelError(f"{field}: revision {revision!r} not found under {model_id!r} "
                                  f"(present: {', '.join(present) or 'none'})")
         if not (path / "config.json").is_file():
+            inside = sorted((p.name for p in path.iterdir() if (p / "config.json").is_file()),
+                            key=lambda n: (step_of(n) is None, step_of(n) or 0, n))
+            if inside:  # a folder of checkpoints, named without one
+                shown = ", ".join(inside[:6]) + (f", ... ({len(inside)} in all)" if len(inside) > 6 else "")
+                raise ModelError(f"{field}: {str(path)!r} holds checkpoint folders ({shown}), not a model: "
+                                 f"name the revisions to scan (for example revisions: [{inside[-1]}] in a config, "
+                                 f"@{inside[-1]} after the model on the command line)")
             raise ModelError(f"{field}: {str(path)!r} has no config.json (not a model folder)")
         return ModelSource(str(path), None, True, trust_remote_code)
     return ModelSource(model_id, revision or "main", False, trust_remote_code)
