@@ -144,6 +144,20 @@ def _falls(ctx: ClaimContext) -> list[Evidence] | str:
     return rows or "no correlation rows at the main layer, site and pool (too few bins?)"
 
 
+def _rho_difference(ctx: ClaimContext, later: dict, earlier: dict, detail: str, how: str) -> Evidence:
+    """rho of the ``later`` correlations row minus the ``earlier`` one's, with the interval and
+    p of the difference of their resampled rhos (``how``: the interval's method, ``{n}`` its
+    resamples); without resamples, the difference alone."""
+    a = ctx.step.analysis
+    value = later["spearman_r"] - earlier["spearman_r"]
+    key = (later["model"], later["revision"], later["dataset"], detail, "difference of Spearman rho", value)
+    if not a.bootstrap.n:
+        return Evidence(*key, n=later["n_bins"], note="no bootstrap (analysis.bootstrap.n = 0)")
+    diff = ctx.resampled_rho(later) - ctx.resampled_rho(earlier)
+    ci = interval(diff, a.bootstrap.level)
+    return Evidence(*key, ci.low, ci.high, how.format(n=ci.n_boot), later["n_bins"], bootstrap_p(diff))
+
+
 def _depth(ctx: ClaimContext) -> list[Evidence] | str:
     corr = ctx.table("correlations")
     a = ctx.step.analysis
@@ -156,22 +170,14 @@ def _depth(ctx: ClaimContext) -> list[Evidence] | str:
                 and r["revision"] == last[r["model"]]):
             groups.setdefault((r["model"], r["revision"], r["dataset"]), {})[r["layer"]] = r
     out = []
-    for (model, rev, ds), by_layer in sorted(groups.items()):
+    for _, by_layer in sorted(groups.items()):  # by (model, revision, dataset)
         if len(by_layer) < 2:
             continue
         order = sorted(by_layer, key=lambda la: (la == "final", int(la) if la.isdigit() else 0))
         shallow, deep = by_layer[order[0]], by_layer[order[-1]]
-        value = deep["spearman_r"] - shallow["spearman_r"]
         detail = f"rho(layer {deep['layer']}) - rho(layer {shallow['layer']}); site {a.site}, pool {a.pool}"
-        if a.bootstrap.n:
-            diff = ctx.resampled_rho(deep) - ctx.resampled_rho(shallow)  # paired: one partition, one seed
-            ci = interval(diff, a.bootstrap.level)
-            out.append(Evidence(model, rev, ds, detail, "difference of Spearman rho", value, ci.low, ci.high,
-                                f"paired bootstrap, {ci.n_boot} resamples of segments", deep["n_bins"],
-                                bootstrap_p(diff)))
-        else:
-            out.append(Evidence(model, rev, ds, detail, "difference of Spearman rho", value, n=deep["n_bins"],
-                                note="no bootstrap (analysis.bootstrap.n = 0)"))
+        # paired: one partition, one seed
+        out.append(_rho_difference(ctx, deep, shallow, detail, "paired bootstrap, {n} resamples of segments"))
     return out or "one layer extracted (extraction.layers): nothing to compare across depth"
 
 
@@ -186,21 +192,14 @@ def _training(ctx: ClaimContext) -> list[Evidence] | str:
                 and r["pool"] == a.pool):
             groups.setdefault((r["model"], r["dataset"]), {})[r["revision"]] = r
     out = []
-    for (model, ds), by_rev in sorted(groups.items()):
+    for _, by_rev in sorted(groups.items()):  # by (model, dataset)
         revs = sorted(by_rev, key=revision_order)
         if len(revs) < 2 or not revs[0].startswith("step"):
             continue
         first, last = by_rev[revs[0]], by_rev[revs[-1]]
-        value = last["spearman_r"] - first["spearman_r"]
         detail = f"rho({revs[-1]}) - rho({revs[0]}); layer {a.layer}, site {a.site}, pool {a.pool}"
-        if a.bootstrap.n:
-            diff = ctx.resampled_rho(last) - ctx.resampled_rho(first)  # independent resamples per revision
-            ci = interval(diff, a.bootstrap.level)
-            out.append(Evidence(model, revs[-1], ds, detail, "difference of Spearman rho", value, ci.low, ci.high,
-                                f"bootstrap, {ci.n_boot} resamples per revision", last["n_bins"], bootstrap_p(diff)))
-        else:
-            out.append(Evidence(model, revs[-1], ds, detail, "difference of Spearman rho", value, n=last["n_bins"],
-                                note="no bootstrap (analysis.bootstrap.n = 0)"))
+        # independent resamples per revision
+        out.append(_rho_difference(ctx, last, first, detail, "bootstrap, {n} resamples per revision"))
     return out or "no model with an early (stepN) and a later checkpoint in this run"
 
 
@@ -281,13 +280,14 @@ def _knnlm(ctx: ClaimContext) -> list[Evidence] | str:
         if r["att_more_dispersed"] is None:
             continue
         more, other = ("resid_mid", "block") if r["att_more_dispersed"] else ("block", "resid_mid")
-        detail = f"final block, each key at its tuned (lambda, T): ppl({other}) - ppl({more}, the more dispersed)"
+        pair = f"ppl({other}) - ppl({more}, the more dispersed)"
         if r.get("pair_ppl_diff") is None:
             ppl = {"resid_mid": r["att_knn_ppl"], "block": r["ffn_knn_ppl"]}
-            out.append(Evidence(r["model"], r["revision"], None, detail.replace("each key at its tuned", "at the "
-                                "configured"), "kNN-LM perplexity difference", ppl[other] - ppl[more],
+            out.append(Evidence(r["model"], r["revision"], None, f"final block, at the configured (lambda, T): {pair}",
+                                "kNN-LM perplexity difference", ppl[other] - ppl[more],
                                 note="no interval (analysis.bootstrap.n = 0)"))
             continue
+        detail = f"final block, each key at its tuned (lambda, T): {pair}"
         sign = 1.0 if more == "resid_mid" else -1.0  # pair_ppl_diff is ppl(block) - ppl(resid_mid)
         lo, hi = sorted((sign * r["pair_ci_low"], sign * r["pair_ci_high"]))
         out.append(Evidence(r["model"], r["revision"], None, detail, "kNN-LM perplexity difference",
