@@ -145,7 +145,7 @@ def test_the_bootstrap_p_value_counts_the_resamples_on_the_far_side_of_zero():
 
 
 def test_the_jackknife_error_bar_of_a_bin_against_leaving_each_row_out():
-    from dispersion.measure.bootstrap import eq1_jackknife_se, mean_se
+    from dispersion.measure.bootstrap import eq1_jackknife_se, standard_error
     from dispersion.measure.metrics import cosine_dispersion
 
     _, vectors, within = _data(n=25)
@@ -153,7 +153,7 @@ def test_the_jackknife_error_bar_of_a_bin_against_leaving_each_row_out():
     loo = np.array([cosine_dispersion(np.delete(X, i, axis=0)) for i in range(len(X))])
     naive = np.sqrt((len(X) - 1) / len(X) * ((loo - loo.mean()) ** 2).sum())
     assert eq1_jackknife_se(X) == pytest.approx(naive, rel=1e-9)
-    assert mean_se(within) == pytest.approx(stats.sem(within))
+    assert standard_error(within) == pytest.approx(stats.sem(within))
     assert np.isnan(eq1_jackknife_se(X[:2]))
 
 

@@ -33,7 +33,7 @@ from dispersion.measure.bootstrap import (
     bootstrap_p,
     eq1_jackknife_se,
     interval,
-    mean_se,
+    standard_error,
 )
 from dispersion.measure.metrics import vendi_score
 from dispersion.report.figures import rows_of
@@ -143,7 +143,7 @@ def binned(row_key: dict, ppl: np.ndarray, *, bin_size: int, select_bins: int | 
     members = make_bins(ppl, bin_size=bin_size).members
     per_bin = vectors if vectors is not None else within
     assert per_bin is not None
-    se = [eq1_jackknife_se(per_bin[m]) if vectors is not None else mean_se(per_bin[m]) for m in members]
+    se = [eq1_jackknife_se(per_bin[m]) if vectors is not None else standard_error(per_bin[m]) for m in members]
     selected = np.zeros(len(disp), np.bool_)
     if select_bins is not None:
         selected[uniform_perplexity_bins(table.mean_ppl, select_bins)] = True
@@ -257,11 +257,11 @@ def over_seeds(corr: pa.Table) -> pa.Table:
     for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
         rho = np.array([r["spearman_r"] for r in rs], dtype=np.float64)
         r_ = np.array([r["pearson_r"] for r in rs], dtype=np.float64)
-        se = (lambda v: float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None)
         rows.append({**dict(zip(_SEED_GROUP, key)), "n_seeds": len(rs),
                      "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
-                     "spearman_mean": float(rho.mean()), "spearman_se": se(rho), "spearman_min": float(rho.min()),
-                     "spearman_max": float(rho.max()), "pearson_mean": float(r_.mean()), "pearson_se": se(r_)})
+                     "spearman_mean": float(rho.mean()), "spearman_se": standard_error(rho),
+                     "spearman_min": float(rho.min()), "spearman_max": float(rho.max()),
+                     "pearson_mean": float(r_.mean()), "pearson_se": standard_error(r_)})
     return pa.Table.from_pylist(rows, schema=SEEDS_SCHEMA)
 
 

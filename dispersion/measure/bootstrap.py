@@ -38,7 +38,8 @@ import numpy as np
 from dispersion.measure.binning import MIN_POINTS, uniform_perplexity_bins
 
 __all__ = ["Interval", "bootstrap_bias", "bootstrap_binned", "bootstrap_p", "bootstrap_ppl_difference",
-           "eq1_jackknife_se", "interval", "mean_se", "permutation_p", "rowwise_pearson", "rowwise_spearman"]
+           "eq1_jackknife_se", "interval", "permutation_p", "rowwise_pearson", "rowwise_spearman",
+           "standard_error"]
 
 CHUNK_VALUES = 1 << 24  # floats gathered at once (resamples x segments x d): bounds the memory of a step
 
@@ -201,10 +202,10 @@ def eq1_jackknife_se(X: np.ndarray) -> float:
     return float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
 
 
-def mean_se(values: np.ndarray) -> float:
-    """Standard error of a mean, s / sqrt(n) (what the jackknife gives for a mean); NaN below 2."""
+def standard_error(values: np.ndarray) -> float | None:
+    """Standard error of a mean, s / sqrt(n) (what the jackknife gives for a mean); None below 2."""
     v = np.asarray(values, dtype=np.float64)
-    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
 
 
 def bootstrap_ppl_difference(lp_a: np.ndarray, lp_b: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000,

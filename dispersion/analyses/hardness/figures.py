@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dispersion.analyses.hardness.slices import standard_error
 from dispersion.analyses.hardness.tables import SetResult, Variant, last_revisions
+from dispersion.measure.bootstrap import standard_error
 from dispersion.report.figures import Figure, category_colors, spearman
 from dispersion.report.markdown import md_table
 

@@ -4,7 +4,6 @@ correct, and the dispersion or perplexity of each.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,10 +92,6 @@ class Slices:
     dispersion: np.ndarray
     ppl: np.ndarray
     n_correct: np.ndarray
-
-
-def standard_error(v: np.ndarray) -> float | None:
-    return float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
 
 
 def controlled_slices(signal: Signal, ppl: np.ndarray, correct: np.ndarray, *, fractions: np.ndarray,

@@ -20,10 +20,9 @@ from dispersion.analyses.hardness.slices import (
     fitting_size,
     fraction_grid,
     spearman_rho,
-    standard_error,
 )
 from dispersion.core.errors import DataError
-from dispersion.measure.bootstrap import permutation_p
+from dispersion.measure.bootstrap import permutation_p, standard_error
 from dispersion.measure.metrics import mean_cosine_distance_to_rest
 
 # --------------------------------------------------------------------------- #
