@@ -72,10 +72,41 @@ def _one_taker(store: Store, n: int = 8) -> list:
     return won
 
 
+def _sweep(store: Store) -> None:
+    """``sweep`` removes the leases nobody holds (own leftovers, expired, a gone process of
+    this host, unreadable, a published unit's) and keeps the live ones of other runs."""
+    import socket
+
+    from dispersion.core.processes import pid_namespace
+
+    now = [1000.0]
+    me = Leases(store, owner="run-a", seconds=60, clock=lambda: now[0])
+    other = Leases(store, owner="run-b", seconds=60, clock=lambda: now[0])
+    rel = lambda name: f"_leases/model=m/{name}.json"  # noqa: E731
+    assert me.claim(rel("held")) is None
+    assert Leases(store, owner="run-a", seconds=60, clock=lambda: now[0]).claim(rel("own-leftover")) is None
+    assert other.claim(rel("live")) is None and other.claim(rel("published")) is None
+    store.write_json("_done/model=m/published.json", {"unit": "published"})
+    Leases(store, owner="run-c", seconds=60, clock=lambda: now[0] - 3600).claim(rel("expired"))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    store.create(rel("dead"), json.dumps({"owner": "run-d", "host": socket.gethostname(),
+                                          "pid": int(finished.stdout), "start": "", "pidns": pid_namespace(),
+                                          "expires": now[0] + 600}).encode())
+    store.create(rel("garbled"), b"not json")
+    assert me.sweep() == 5
+    left = sorted(r.rsplit("/", 1)[1] for r in store.files("_leases"))
+    assert left == ["held.json", "live.json"]
+    me.release(rel("held"))
+    other.release(rel("live"))
+    assert me.sweep() == 0 and store.files("_leases") == []
+
+
 def test_exclusive_create_and_conditional_writes_locally(tmp_path):
     store = Store(str(tmp_path / "r"))
     _primitives(store)
     _leases(store)
+    _sweep(store)
     assert len(_one_taker(store)) == 1
     assert not [p for p in (tmp_path / "r").rglob(".*")]  # no temporary file left
 
@@ -123,6 +154,7 @@ def test_exclusive_create_and_conditional_writes_on_s3(s3):
     assert store.conditional
     _primitives(store)
     _leases(store)
+    _sweep(store)
     assert len(_one_taker(store, n=4)) == 1
 
 

@@ -109,6 +109,13 @@ def lease_of(marker: str) -> str:
     return "_leases/" + marker[len("_done/"):]
 
 
+def done_of(lease: str) -> str:
+    """The done marker of the unit whose lease is ``lease`` (the inverse of :func:`lease_of`)."""
+    if not lease.startswith("_leases/"):
+        raise ValueError(f"not a lease: {lease!r}")
+    return "_done/" + lease[len("_leases/"):]
+
+
 # -- query sets (the hardness step, dispersion.measure.queries) -------------------------------
 
 QUERY_KEYS = ("model", "revision", "queryset", "sample", "spec")

@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from dispersion.core.layout import done_of
 from dispersion.core.processes import gone, pid_namespace, start_time
 from dispersion.core.storage import Store
 
@@ -158,11 +159,28 @@ class Leases:
             except Exception:  # noqa: BLE001 - best effort on the way out (it expires)
                 self._held.pop(rel, None)
 
-    def sweep(self) -> None:
-        """Remove the empty lease folders under the root (a run stopped between making a
-        folder and writing its lease leaves one); best effort."""
+    def sweep(self) -> int:
+        """Remove the leases nobody holds any more and the empty lease folders under the root;
+        best effort. A lease goes when it is this owner's (its release failed, e.g. the store
+        was down), expired, held by a gone process of this host, unreadable, or its unit's
+        done marker exists (the work is published: a rerun skips it and would never touch
+        the lease again). Returns how many leases went."""
+        removed = 0
         with contextlib.suppress(OSError):
+            for rel in self.store.files("_leases"):
+                if rel in self._held:
+                    continue
+                current = self.store.read_versioned(rel)
+                if current is None:
+                    continue
+                lease = _parse(current[0])
+                stale = (not lease or lease.get("owner") == self.owner or dead_holder(lease)
+                         or float(lease.get("expires", 0)) <= self.clock()
+                         or self.store.exists(done_of(rel)))
+                if stale and self.store.delete_if(rel, current[1]):
+                    removed += 1
             self.store.prune_tree("_leases")
+        return removed
 
     def holder(self, rel: str) -> dict | None:
         """The live lease at ``rel`` (anyone's), ``None`` when it is free or expired."""

@@ -334,6 +334,15 @@ class Store:
                 with contextlib.suppress(OSError):  # not empty (or gone)
                     os.rmdir(folder)
 
+    @_retrying
+    def files(self, top: str) -> list[str]:
+        """Every file below ``top``, relative to the root (none when ``top`` does not exist)."""
+        n = len(self.base) + 1
+        try:
+            return sorted(p[n:] for p in self.fs.find(self.path(top)))
+        except FileNotFoundError:
+            return []
+
     def stale_temporaries(self) -> list[str]:
         """Temporary files under a local root whose writer no longer runs (a command killed
         mid-write), relative to the root; an object store keeps none (uploads are atomic)."""
