@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import itertools
 import json
 import os
+import random
 import shutil
 import time
 import uuid
@@ -67,7 +69,7 @@ def vector_column(v: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), type=pa.float16()), v.shape[1])
 
 
-CREATE_ATTEMPTS = 20  # tries of a local exclusive create whose folder other runs' releases prune meanwhile
+CREATE_SECONDS = 30.0  # how long a local exclusive create retries while other runs' releases prune its folder
 # how long an object-store call is retried through an outage (``DISPERSION_STORE_RETRY_S``)
 RETRY_SECONDS = float(os.environ.get("DISPERSION_STORE_RETRY_S") or 60.0)
 
@@ -448,7 +450,10 @@ class Store:
         if self.local:
             parent, name = final.rsplit("/", 1)
             tmp = tmp_name(parent, name)
-            for attempt in range(CREATE_ATTEMPTS):  # a folder another run empties and removes meanwhile is made again
+            deadline = time.monotonic() + CREATE_SECONDS
+            for attempt in itertools.count():  # a folder another run empties and removes meanwhile is made again
+                if attempt >= 3:  # a busy root: step out of the others' rhythm for a moment
+                    time.sleep(random.uniform(0, 0.002 * min(attempt, 50)))
                 try:
                     os.makedirs(parent, exist_ok=True)
                     with open(tmp, "wb") as fh:
@@ -457,7 +462,7 @@ class Store:
                 except FileExistsError:
                     return None
                 except FileNotFoundError:
-                    if attempt == CREATE_ATTEMPTS - 1:
+                    if time.monotonic() > deadline:
                         raise
                     continue
                 finally:

@@ -1,14 +1,24 @@
 """The embedded multiple-choice cloze (paper 001 Sec. 3.1 without a hub): from the held-out
 split of the embedded corpus, a context of T tokens and its true continuation of K tokens among
-C - 1 continuations of other documents of the same domain; every model answers it itself
+C - 1 distractors; every model answers it itself
 (:func:`dispersion.measure.answering.answer_cloze`), so correct/incorrect labels exist for every
 model, zoo and real.
+
+Two kinds of distractors:
+
+* ``other_documents``: continuations of other documents of the same domain (easy: a topic
+  change gives them away; real models answer most queries right);
+* ``same_document``: the K-token spans of the query's own document nearest to the true
+  continuation, outside the context (after it at T + K, T + 2K, ..., before it at -K, -2K, ...,
+  alternating, nearest first): same topic, same vocabulary, same style, so only the local
+  continuation tells them apart (:func:`nearby_starts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -47,52 +57,89 @@ class Cloze:
                      self.options[rows], self.answer[rows])
 
 
+Distractors = Literal["other_documents", "same_document"]
+
+
+def nearby_starts(context_start: int, context: int, continuation: int, length: int, count: int) -> list[int]:
+    """The starts of the ``count`` K-token spans of a document of ``length`` units nearest to
+    the true continuation (which starts at ``context_start + context``), none overlapping the
+    context or the true continuation: after it at +K, +2K, ..., before the context at -K,
+    -2K, ..., alternating (after first); fewer when the document has no more room."""
+    true = context_start + context
+    out: list[int] = []
+    j = 1
+    while len(out) < count:
+        after, before = true + j * continuation, context_start - j * continuation
+        if after + continuation > length and before < 0:
+            break
+        for start in (after, before):
+            if 0 <= start and start + continuation <= length and len(out) < count:
+                out.append(start)
+        j += 1
+    return out
+
+
 def build_cloze(documents: Sequence[Document], tokenizer, *, name: str, context: int = 64,
-                continuation: int = 8, choices: int = 4, n: int = 1000, seed: int = 0) -> Cloze:
+                continuation: int = 8, choices: int = 4, n: int = 1000, seed: int = 0,
+                distractors: Distractors = "other_documents") -> Cloze:
     """The embedded multiple-choice cloze over ``documents`` (one domain's held-out split).
 
     1. N windows of T + K tokens are sampled without overlap, as
        :func:`dispersion.measure.sampling.sample_segments` samples segments (documents cut at
        offsets 0, T + K, ...; N windows drawn without replacement, seeded; each document
        tokenized once): the first T tokens are the context, the last K the true continuation;
-    2. each query gets C - 1 distractors: the continuations of other queries drawn at random
-       (seeded) from *other documents*, each different from the true one and from each other;
+       with ``same_document`` distractors only windows whose document holds C - 1 spans around
+       them are drawn;
+    2. each query gets C - 1 distractors, each different from the true continuation and from
+       each other: ``other_documents`` -- the continuations of other queries drawn at random
+       (seeded) from other documents; ``same_document`` -- the nearest spans of its own
+       document (:func:`nearby_starts`; identical spans are skipped for the next nearest);
     3. the true continuation takes a random position among the C options.
 
     ``query_id`` is ``{name}/{doc_id}@{offset}``; ``task`` is ``name``.
 
     Raises:
-        DataError: too few windows of T + K tokens, or too few documents for C - 1 distractors.
+        DataError: too few windows of T + K tokens, or too few distinct distractors.
     """
     if context < 1 or continuation < 1 or choices < 2 or n < 1:
         raise ConfigError(f"{name}: needs context >= 1, continuation >= 1, choices >= 2, n >= 1")
     L = context + continuation
     encoded = encode_texts(tokenizer, [d.text for d in documents])
-    counts = np.asarray([len(t) // L for t in encoded], dtype=np.int64)
-    if n > int(counts.sum()):
+    near = distractors == "same_document"
+    # [W] every window (document, offset); with same-document distractors only those with room around them
+    windows = [(d, o) for d, t in enumerate(encoded) for o in range(0, len(t) // L * L, L)
+               if not near or len(nearby_starts(o, context, continuation, len(t), choices - 1)) == choices - 1]
+    if n > len(windows):
         raise DataError(f"{name}: asked for {n} cloze queries of {context} + {continuation} tokens but the "
-                        f"documents hold only {int(counts.sum())} windows (lower n)")
-    chosen = np.sort(np.random.default_rng(seed).choice(int(counts.sum()), size=n, replace=False))
-    ends = np.cumsum(counts)
-    doc_idx = np.searchsorted(ends, chosen, side="right")
-    offsets = ((chosen - (ends - counts)[doc_idx]) * L).tolist()
+                        f"documents hold only {len(windows)} windows{' with room for the distractors' if near else ''}"
+                        " (lower n)")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(windows), size=n, replace=False))
+    doc_idx = np.asarray([windows[c][0] for c in chosen], dtype=np.int64)
+    offsets = [windows[c][1] for c in chosen]
     tokens = np.asarray([encoded[d][o:o + L] for d, o in zip(doc_idx, offsets)], dtype=np.int64)  # [N, T + K]
     docs = np.asarray([documents[d].doc_id for d in doc_idx], dtype=object)
     ctx, cont = tokens[:, :context], tokens[:, context:]
     rng = np.random.default_rng([seed, 0xC102E])
-    options = np.empty((n, choices, continuation), dtype=np.int64)
+    options = np.empty((n, choices, continuation), dtype=np.int64)  # [N, C, K]
     answer = rng.integers(0, choices, size=n)
     for i in range(n):
         picked: list[np.ndarray] = [cont[i]]
-        for j in rng.permutation(n):
-            if docs[j] == docs[i] or any(np.array_equal(cont[j], p) for p in picked):
+        if near:
+            text = encoded[doc_idx[i]]
+            pool = (np.asarray(text[s:s + continuation], dtype=np.int64)
+                    for s in nearby_starts(offsets[i], context, continuation, len(text), len(text)))
+        else:
+            pool = (cont[j] for j in rng.permutation(n) if docs[j] != docs[i])
+        for cand in pool:
+            if any(np.array_equal(cand, p) for p in picked):
                 continue
-            picked.append(cont[j])
+            picked.append(cand)
             if len(picked) == choices:
                 break
         if len(picked) < choices:
-            raise DataError(f"{name}: query {i} finds only {len(picked) - 1} distinct continuations in other "
-                            f"documents for {choices - 1} distractors (raise n or lower choices)")
+            where = "its own document" if near else "other documents"
+            raise DataError(f"{name}: query {i} finds only {len(picked) - 1} distinct continuations in {where} "
+                            f"for {choices - 1} distractors (raise n or lower choices)")
         others = iter(picked[1:])
         for c in range(choices):
             options[i, c] = cont[i] if c == answer[i] else next(others)
