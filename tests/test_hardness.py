@@ -174,6 +174,47 @@ def test_build_cloze_on_the_embedded_corpus(micro_zoo):
                 assert any(d != doc and t == tuple(o) for d, t in conts.values())
 
 
+def test_nearby_starts_against_a_naive_enumeration():
+    from dispersion.measure.cloze import nearby_starts
+
+    for start, T, K, length in [(0, 4, 2, 30), (20, 4, 2, 30), (10, 3, 3, 19), (6, 5, 1, 12), (0, 4, 2, 6)]:
+        true = start + T
+        free = [s for s in range(length - K + 1) if (s > true and (s - true) % K == 0)
+                or (s + K <= start and (start - s) % K == 0)]  # K-spans off the context and the true span
+        # nearest first, after before before at equal rank: rank j for true + jK and for start - jK
+        rank = lambda s: ((s - true) // K if s > true else (start - s) // K, s < true)  # noqa: E731
+        naive = sorted(free, key=rank)
+        for count in range(len(free) + 2):
+            assert nearby_starts(start, T, K, length, count) == naive[:count]
+
+
+def test_same_document_distractors_are_the_nearest_spans_of_the_query_document(micro_zoo):
+    from transformers import AutoTokenizer
+
+    from dispersion.measure.cloze import nearby_starts
+    from dispersion.measure.corpus import embedded_documents
+
+    tok = AutoTokenizer.from_pretrained(str(Path(micro_zoo.cache) / "tokenizer"))
+    docs = embedded_documents("prose", "validation")[:40]
+    cz = build_cloze(docs, tok, name="near", context=8, continuation=3, choices=5, n=60, seed=2,
+                     distractors="same_document")
+    assert cz.options.shape == (60, 5, 3)
+    by_id = {d.doc_id: d.text for d in docs}
+    for qid, ctx, opts, a in zip(cz.queries.column("query_id").to_pylist(), cz.contexts, cz.options, cz.answer):
+        doc, off = qid.split("/", 1)[1].rsplit("@", 1)
+        ids, off = tok(by_id[doc], add_special_tokens=False)["input_ids"], int(off)
+        assert list(ctx) == ids[off:off + 8] and list(opts[a]) == ids[off + 8:off + 11]
+        spans: list[tuple] = []  # the nearest distinct spans, naive: walk every start in order
+        for s in nearby_starts(off, 8, 3, len(ids), len(ids)):
+            span = tuple(ids[s:s + 3])
+            if span != tuple(opts[a]) and span not in spans:
+                spans.append(span)
+        assert sorted(tuple(o) for c, o in enumerate(opts) if c != a) == sorted(spans[:4])
+    with pytest.raises(DataError, match="with room for the distractors"):
+        build_cloze(docs[:1], tok, name="near", context=8, continuation=3, choices=5, n=10**6,
+                    distractors="same_document")
+
+
 # --------------------------------------------------------------------------- slices
 def test_slices_have_exactly_the_requested_mix():
     rng0 = np.random.default_rng(3)
@@ -286,6 +327,15 @@ def test_calibration_on_a_known_curve_and_on_shuffled_labels():
     shuffled = np.random.default_rng(0).permutation(correct)
     sh = [calibrate(sig, shuffled, seed=s, size=100) for s in range(3)]
     assert np.mean([c.mae for c in sh]) >= 0.8 * np.mean([c.test_mae["constant"] for c in sh])  # no better
+    # shuffle=True is that baseline, drawn inside (seeded per seed), and the whole-test numbers are the parts'
+    inside = [calibrate(sig, correct, seed=s, size=100, shuffle=True) for s in range(3)]
+    assert np.mean([c.mae for c in inside]) >= 0.8 * np.mean([c.test_mae["constant"] for c in inside]) > 15
+    for s, c in enumerate(inside):
+        labels = np.random.default_rng([0, 0x5F1E, s]).permutation(correct)
+        perm = np.random.default_rng([0, 0xCA1, s]).permutation(correct.size)
+        n_cal, n_val = round(0.2 * correct.size), round(0.1 * correct.size)
+        assert c.natural[0] == pytest.approx(labels[perm[n_cal + n_val:]].mean())
+        assert c.natural_constant == pytest.approx(labels[perm[:n_cal]].mean())
 
 
 def test_shift_applies_one_sets_calibration_to_another():
@@ -303,6 +353,9 @@ def test_shift_applies_one_sets_calibration_to_another():
     assert shift[("a", "b")]["mae_in_domain"] == pytest.approx(np.mean([c.mae for c in rb.calibrations]))
     chosen = {r["regressor"] for r in tables["hardness_calibration"].to_pylist()}
     assert len(tables["hardness_calibration"]) == 4 and chosen <= {"linear", "isotonic"}
+    for row in tables["hardness_calibration"].to_pylist():  # the whole-test errors from the row's own numbers
+        assert row["test_error"] == pytest.approx(100 * abs(row["test_predicted"] - row["test_accuracy"]))
+        assert 0 <= row["test_error_constant"] < 15 and row["mae_shuffled"] > 0 and row["test_error_shuffled"] >= 0
 
 
 # --------------------------------------------------------------------------- per-example scores

@@ -16,7 +16,8 @@ Two kinds of distractors:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,59 +80,73 @@ def nearby_starts(context_start: int, context: int, continuation: int, length: i
     return out
 
 
-def build_cloze(documents: Sequence[Document], tokenizer, *, name: str, context: int = 64,
-                continuation: int = 8, choices: int = 4, n: int = 1000, seed: int = 0,
-                distractors: Distractors = "other_documents") -> Cloze:
-    """The embedded multiple-choice cloze over ``documents`` (one domain's held-out split).
+@dataclass(frozen=True)
+class Draw:
+    """Which windows and options a cloze uses, over any units (token ids, words).
 
-    1. N windows of T + K tokens are sampled without overlap, as
+    Attributes:
+        doc: (N,) index of each query's document.
+        offset: (N,) start of each query's window (its context) in its document, in units.
+        options: N lists of C spans (tuples of K units); ``options[i][answer[i]]`` is the
+            true continuation.
+        answer: (N,) int64 position of the true continuation.
+    """
+
+    doc: list[int]
+    offset: list[int]
+    options: list[list[tuple]]
+    answer: np.ndarray
+
+
+def draw_cloze(units: Sequence[Sequence], doc_ids: Sequence[str], *, name: str, context: int, continuation: int,
+               choices: int, n: int, seed: int, distractors: Distractors) -> Draw:
+    """The windows and options of a cloze over documents cut into ``units`` (one sequence per
+    document):
+
+    1. N windows of T + K units are sampled without overlap, as
        :func:`dispersion.measure.sampling.sample_segments` samples segments (documents cut at
-       offsets 0, T + K, ...; N windows drawn without replacement, seeded; each document
-       tokenized once): the first T tokens are the context, the last K the true continuation;
-       with ``same_document`` distractors only windows whose document holds C - 1 spans around
-       them are drawn;
+       offsets 0, T + K, ...; N windows drawn without replacement, seeded): the first T units
+       are the context, the last K the true continuation; with ``same_document`` distractors
+       only windows whose document holds C - 1 spans around them are drawn;
     2. each query gets C - 1 distractors, each different from the true continuation and from
        each other: ``other_documents`` -- the continuations of other queries drawn at random
        (seeded) from other documents; ``same_document`` -- the nearest spans of its own
-       document (:func:`nearby_starts`; identical spans are skipped for the next nearest);
+       document (:func:`nearby_starts`; a span equal to one already picked is skipped for the
+       next nearest);
     3. the true continuation takes a random position among the C options.
 
-    ``query_id`` is ``{name}/{doc_id}@{offset}``; ``task`` is ``name``.
-
     Raises:
-        DataError: too few windows of T + K tokens, or too few distinct distractors.
+        ConfigError: a size below 1 (or fewer than 2 choices).
+        DataError: too few windows of T + K units, or too few distinct distractors.
     """
     if context < 1 or continuation < 1 or choices < 2 or n < 1:
         raise ConfigError(f"{name}: needs context >= 1, continuation >= 1, choices >= 2, n >= 1")
     L = context + continuation
-    encoded = encode_texts(tokenizer, [d.text for d in documents])
     near = distractors == "same_document"
     # [W] every window (document, offset); with same-document distractors only those with room around them
-    windows = [(d, o) for d, t in enumerate(encoded) for o in range(0, len(t) // L * L, L)
+    windows = [(d, o) for d, t in enumerate(units) for o in range(0, len(t) // L * L, L)
                if not near or len(nearby_starts(o, context, continuation, len(t), choices - 1)) == choices - 1]
     if n > len(windows):
-        raise DataError(f"{name}: asked for {n} cloze queries of {context} + {continuation} tokens but the "
+        raise DataError(f"{name}: asked for {n} cloze queries of {context} + {continuation} units but the "
                         f"documents hold only {len(windows)} windows{' with room for the distractors' if near else ''}"
                         " (lower n)")
     chosen = np.sort(np.random.default_rng(seed).choice(len(windows), size=n, replace=False))
-    doc_idx = np.asarray([windows[c][0] for c in chosen], dtype=np.int64)
-    offsets = [windows[c][1] for c in chosen]
-    tokens = np.asarray([encoded[d][o:o + L] for d, o in zip(doc_idx, offsets)], dtype=np.int64)  # [N, T + K]
-    docs = np.asarray([documents[d].doc_id for d in doc_idx], dtype=object)
-    ctx, cont = tokens[:, :context], tokens[:, context:]
+    doc = [windows[c][0] for c in chosen]
+    offset = [windows[c][1] for c in chosen]
+    true = [tuple(units[d][o + context:o + L]) for d, o in zip(doc, offset)]  # N spans of K units
     rng = np.random.default_rng([seed, 0xC102E])
-    options = np.empty((n, choices, continuation), dtype=np.int64)  # [N, C, K]
     answer = rng.integers(0, choices, size=n)
+    options = []
     for i in range(n):
-        picked: list[np.ndarray] = [cont[i]]
+        picked: list[tuple] = [true[i]]
         if near:
-            text = encoded[doc_idx[i]]
-            pool = (np.asarray(text[s:s + continuation], dtype=np.int64)
-                    for s in nearby_starts(offsets[i], context, continuation, len(text), len(text)))
+            text = units[doc[i]]
+            pool: Iterable[tuple] = (tuple(text[s:s + continuation])
+                                     for s in nearby_starts(offset[i], context, continuation, len(text), len(text)))
         else:
-            pool = (cont[j] for j in rng.permutation(n) if docs[j] != docs[i])
+            pool = (true[j] for j in rng.permutation(n) if doc_ids[doc[j]] != doc_ids[doc[i]])
         for cand in pool:
-            if any(np.array_equal(cand, p) for p in picked):
+            if cand in picked:
                 continue
             picked.append(cand)
             if len(picked) == choices:
@@ -141,13 +156,48 @@ def build_cloze(documents: Sequence[Document], tokenizer, *, name: str, context:
             raise DataError(f"{name}: query {i} finds only {len(picked) - 1} distinct continuations in {where} "
                             f"for {choices - 1} distractors (raise n or lower choices)")
         others = iter(picked[1:])
-        for c in range(choices):
-            options[i, c] = cont[i] if c == answer[i] else next(others)
+        options.append([true[i] if c == answer[i] else next(others) for c in range(choices)])
+    return Draw(doc, offset, options, answer.astype(np.int64))
+
+
+def build_cloze(documents: Sequence[Document], tokenizer, *, name: str, context: int = 64,
+                continuation: int = 8, choices: int = 4, n: int = 1000, seed: int = 0,
+                distractors: Distractors = "other_documents") -> Cloze:
+    """The embedded multiple-choice cloze over ``documents`` (one domain's held-out split), in
+    the tokens of ``tokenizer`` (each document tokenized once): :func:`draw_cloze` over token
+    ids. ``query_id`` is ``{name}/{doc_id}@{offset}`` (offset in tokens); ``task`` is ``name``."""
+    encoded = encode_texts(tokenizer, [d.text for d in documents])
+    draw = draw_cloze(encoded, [d.doc_id for d in documents], name=name, context=context, continuation=continuation,
+                      choices=choices, n=n, seed=seed, distractors=distractors)
+    ctx = np.asarray([encoded[d][o:o + context] for d, o in zip(draw.doc, draw.offset)], dtype=np.int64)  # [N, T]
+    options = np.asarray(draw.options, dtype=np.int64).reshape(n, choices, continuation)  # [N, C, K]
     texts = tokenizer.batch_decode(ctx.tolist())
-    ids = [f"{name}/{d}@{o}" for d, o in zip(docs, offsets)]
+    ids = [f"{name}/{documents[d].doc_id}@{o}" for d, o in zip(draw.doc, draw.offset)]
     queries = pa.table({"query_id": ids, "text": texts, "correct": pa.nulls(n, pa.bool_()), "task": [name] * n,
                         "slice": pa.nulls(n, pa.string())}, schema=QUERY_SCHEMA)
-    return Cloze(queries, ctx, options, answer.astype(np.int64))
+    return Cloze(queries, ctx, options, draw.answer)
+
+
+WORD = re.compile(r"\s*\S+")
+"""A word with the whitespace before it: a document's words joined give the document back
+(its trailing whitespace aside)."""
+
+
+def text_cloze(documents: Sequence[Document], *, name: str, context: int = 16, continuation: int = 4,
+               choices: int = 10, n: int = 1000, seed: int = 0,
+               distractors: Distractors = "same_document") -> list[dict]:
+    """The cloze in words instead of tokens, for any model and for lm-evaluation-harness
+    (:mod:`dispersion.lm_eval_tasks`): :func:`draw_cloze` over each document's :data:`WORD`
+    units. One record per query: ``query_id`` (``{name}/{doc_id}@{offset}``, offset in words),
+    ``context`` (T words, no trailing whitespace), ``choices`` (C spans of K words, each with
+    its leading whitespace, so ``context + choice`` is the document's text), ``answer``."""
+    words = [WORD.findall(d.text) for d in documents]
+    draw = draw_cloze(words, [d.doc_id for d in documents], name=name, context=context, continuation=continuation,
+                      choices=choices, n=n, seed=seed, distractors=distractors)
+    return [{"query_id": f"{name}/{documents[d].doc_id}@{o}", "context": "".join(words[d][o:o + context]),
+             "choices": ["".join(span) for span in opts], "answer": int(a)}
+            for d, o, opts, a in zip(draw.doc, draw.offset, draw.options, draw.answer)]
+
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast path, no length warnings

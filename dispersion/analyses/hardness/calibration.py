@@ -75,6 +75,7 @@ class Calibration:
     constant: float                  # the calibration slices' mean accuracy
     sizes: tuple[int, int, int]      # slice sizes in the calibration, validation, test parts
     natural: tuple[float, float]     # (true, predicted) accuracy of the whole test part
+    natural_constant: float          # the calibration part's own accuracy: the constant guess of the test part's
     predictions: np.ndarray = field(default_factory=lambda: np.zeros(0))  # chosen regressor on test_x
 
     @property
@@ -96,16 +97,21 @@ def _part_slices(signal: Signal, correct: np.ndarray, part: np.ndarray, fraction
 
 def calibrate(signal: Signal, correct: np.ndarray, *, seed: int, size: int, split=(0.2, 0.1, 0.7),
               calibration_step: int = 2, eval_step: int = 10, regressors: Sequence[str] = REGRESSORS,
-              base_seed: int = 0) -> Calibration:
+              base_seed: int = 0, shuffle: bool = False) -> Calibration:
     """B.1.3 for one seed: split the pool (a seeded permutation, ``split`` shares), fit every
     regressor on dense calibration slices, pick the least validation MAE, score the test slices.
 
-    Slice sizes are min(size, #correct, #incorrect) within each part.
+    Slice sizes are min(size, #correct, #incorrect) within each part. ``shuffle``: the
+    shuffled-label baseline -- the correctness labels are permuted among the queries first
+    (seeded), so dispersion carries no information about them and every MAE is what the
+    procedure reaches by fitting noise.
 
     Raises:
         DataError: a part holds fewer than 2 correct or incorrect queries.
     """
     c = np.asarray(correct, bool)
+    if shuffle:
+        c = np.random.default_rng([base_seed, 0x5F1E, seed]).permutation(c)
     rng = np.random.default_rng([base_seed, 0xCA1, seed])
     perm = rng.permutation(c.size)
     n_cal, n_val = int(round(split[0] * c.size)), int(round(split[1] * c.size))
@@ -126,4 +132,4 @@ def calibrate(signal: Signal, correct: np.ndarray, *, seed: int, size: int, spli
     nat_true = float(c[parts[2]].mean())
     nat_pred = float(_predict(fitted[chosen], np.array([signal(parts[2])]))[0])
     return Calibration(seed, chosen, fitted, val, xt, yt, test, constant, sizes,  # type: ignore[arg-type]
-                       (nat_true, nat_pred), _predict(fitted[chosen], xt))
+                       (nat_true, nat_pred), float(c[parts[0]].mean()), _predict(fitted[chosen], xt))

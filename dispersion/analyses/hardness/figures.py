@@ -77,6 +77,12 @@ def plot_calibration(results: Sequence[SetResult], variant: Variant) -> bytes:
 # --------------------------------------------------------------------------- #
 # markdown
 # --------------------------------------------------------------------------- #
+def _mean_of(rows: list[dict], col: str) -> str:
+    """The mean of a column over rows (nulls left out), one decimal; ``-`` when all are null."""
+    vals = [r[col] for r in rows if r.get(col) is not None]
+    return f"{np.mean(vals):.1f}" if vals else "-"
+
+
 def _fmt_rho(r: float | None, p: float | None) -> str:
     if r is None:
         return "-"
@@ -94,12 +100,16 @@ def summary_markdown(tables: dict[str, pa.Table], variant: Variant) -> str:
     keys = list(dict.fromkeys((r["model"], r["revision"], r["queryset"]) for r in spear + rank))
     out = [f"Layer {variant.layer}, site {variant.site}, pool {variant.pool}, scope {variant.scope}. "
            "ρ: Spearman of the fraction correct against the slice means; calibration: mean ± s.e. over "
-           "seeds of the test-slice MAE (percentage points), the regressor most often chosen, and the "
-           "constant predictor's MAE; AUROC for a wrong answer (low mean distance / high perplexity "
+           "seeds of the test-slice MAE (percentage points; slices of the stated size), the regressor most "
+           "often chosen, the constant predictor's MAE and the shuffled-label baseline's (labels permuted: "
+           "what fitting noise reaches); whole-test error: the distance of the whole test part's predicted "
+           "accuracy from its accuracy (calibrated / the calibration part's accuracy / shuffled labels); "
+           "AUROC for a wrong answer (low mean distance / high perplexity "
            "flag it; > 0.5 supports that direction); tail: error rate of the flagged 10% vs the pool.", "",
            "| model@revision | query set | N | accuracy | S | ρ(fraction, dispersion) | ρ(fraction, ppl) | "
-           "calibration MAE | constant MAE | AUROC dispersion | AUROC ppl | tail error (dispersion / ppl / pool) |",
-           "|---|---|---:|---:|---:|---|---|---|---:|---:|---:|---|"]
+           "calibration MAE (slice size) | constant MAE | shuffled MAE | whole-test error | AUROC dispersion | "
+           "AUROC ppl | tail error (dispersion / ppl / pool) |",
+           "|---|---|---:|---:|---:|---|---|---|---:|---:|---|---:|---:|---|"]
     for m, rev, qs in keys:
         sp = {r["signal"]: r for r in spear if (r["model"], r["revision"], r["queryset"]) == (m, rev, qs)}
         cs = [r for r in cal if (r["model"], r["revision"], r["queryset"]) == (m, rev, qs)]
@@ -109,10 +119,17 @@ def summary_markdown(tables: dict[str, pa.Table], variant: Variant) -> str:
             maes = np.array([r["mae"] for r in cs])
             chosen = max(set(r["regressor"] for r in cs), key=[r["regressor"] for r in cs].count)
             se = standard_error(maes)
-            cal_txt = f"{maes.mean():.1f} ± {se:.1f} ({chosen})" if se is not None else f"{maes.mean():.1f} ({chosen})"
+            size = f"S = {min(r['test_size'] for r in cs)}" + (
+                f"-{max(r['test_size'] for r in cs)}" if len({r['test_size'] for r in cs}) > 1 else "")
+            mean_txt = f"{maes.mean():.1f} ± {se:.1f}" if se is not None else f"{maes.mean():.1f}"
+            cal_txt = f"{mean_txt} ({chosen}, {size})"
             const_txt = f"{np.mean([r['mae_constant'] for r in cs]):.1f}"
+
+            shuffled_txt = _mean_of(cs, "mae_shuffled")
+            whole_txt = " / ".join(_mean_of(cs, c) for c in ("test_error", "test_error_constant",
+                                                             "test_error_shuffled"))
         else:
-            cal_txt, const_txt = "-", "-"
+            cal_txt = const_txt = shuffled_txt = whole_txt = "-"
         dr = rk.get("mean_distance") or rk.get("within") or {}
         pr = rk.get("perplexity", {})
 
@@ -127,6 +144,7 @@ def summary_markdown(tables: dict[str, pa.Table], variant: Variant) -> str:
         out.append(f"| {m}@{rev} | {qs} | {n} | {acc:.3f} | {d.get('slice_size', '-')} | "
                    f"{_fmt_rho(d.get('spearman_r'), d.get('spearman_p'))} | "
                    f"{_fmt_rho(p.get('spearman_r'), p.get('spearman_p'))} | {cal_txt} | {const_txt} | "
+                   f"{shuffled_txt} | {whole_txt} | "
                    f"{au(dr)} | {au(pr)} | {tail} |")
     shift = tables["hardness_shift"]
     if shift.num_rows:

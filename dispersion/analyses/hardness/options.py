@@ -19,17 +19,25 @@ REGRESSORS: tuple[Regressor, ...] = ("linear", "poly2", "poly3", "isotonic", "fo
 # options
 # --------------------------------------------------------------------------- #
 class ClozeSet(Strict):
-    """The embedded multiple-choice cloze (:func:`dispersion.measure.queries.build_cloze`):
+    """The embedded multiple-choice cloze (:func:`dispersion.measure.cloze.build_cloze`):
     ``n`` queries from one domain's ``split`` (held-out by default), a context of ``context``
     tokens (T), the true continuation of ``continuation`` tokens (K) among ``choices`` (C)
-    options. Every model answers it itself; ``name`` defaults to ``cloze-{domain}``."""
+    options, the others ``distractors``: the nearest spans of the same document (default) or
+    continuations of other documents. Every model answers it itself; ``name`` defaults to
+    ``cloze-{domain}``.
+
+    The defaults (same-document distractors, T = 16, K = 4, C = 10) were chosen by the
+    accuracy they give, never by a correlation: SmolLM2-135M answers 58% (prose) and 57% (code)
+    of 200 validation queries right, where the easy variant (other documents, T = 64, K = 8,
+    C = 4) is answered 93-97% right and leaves too few wrong answers to slice."""
 
     kind: Literal["embedded_cloze"]
     domain: Literal["prose", "code"]
     split: Literal["train", "validation", "test"] = "validation"
-    context: Annotated[int, Field(ge=1)] = 64
-    continuation: Annotated[int, Field(ge=1)] = 8
-    choices: Annotated[int, Field(ge=2)] = 4
+    context: Annotated[int, Field(ge=1)] = 16
+    continuation: Annotated[int, Field(ge=1)] = 4
+    choices: Annotated[int, Field(ge=2)] = 10
+    distractors: Literal["same_document", "other_documents"] = "same_document"
     n: Annotated[int, Field(ge=4)] = 1000
     seed: int = 0
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None

@@ -140,7 +140,8 @@ def plan_jobs(cfg: Any, opts: HardnessOptions) -> list[QueryJob]:
                 built = []
                 for s in cloze_specs:
                     cz = build_cloze(embedded_documents(s.domain, s.split), tok, name=s.set_name, context=s.context,
-                                     continuation=s.continuation, choices=s.choices, n=s.n, seed=s.seed)
+                                     continuation=s.continuation, choices=s.choices, n=s.n, seed=s.seed,
+                                     distractors=s.distractors)
                     definition = [s.model_dump(), fp, f"py{sys.version_info[0]}.{sys.version_info[1]}"]
                     built.append(QuerySet.of_cloze(s.set_name, cz, definition))
                 cloze_cache[fp] = built

@@ -49,10 +49,16 @@ CALIBRATION_SCHEMA = pa.schema(_KEY + [
     *[(f"mae_{r}", pa.float64()) for r in REGRESSORS], ("mae_constant", pa.float64()),
     ("calibration_size", pa.int32()), ("validation_size", pa.int32()), ("test_size", pa.int32()),
     ("test_accuracy", pa.float64()), ("test_predicted", pa.float64()),
+    ("test_error", pa.float64()), ("test_error_constant", pa.float64()),
+    ("mae_shuffled", pa.float64()), ("test_error_shuffled", pa.float64()),
 ])
 """B.1.3 (Table 5): one row per seed; ``mae`` (percentage points) is the chosen ``regressor`` on
-the test slices, ``mae_*`` every candidate (null when not fitted) and the constant predictor;
-``test_accuracy`` / ``test_predicted``: the whole test part's accuracy and its prediction."""
+the test slices (of ``test_size`` queries each), ``mae_*`` every candidate (null when not fitted)
+and the constant predictor; ``test_accuracy`` / ``test_predicted``: the whole test part's
+accuracy and its prediction, ``test_error`` their distance in percentage points (the paper's
+Table 5 most likely reports this one), ``test_error_constant`` that of the calibration part's own
+accuracy; ``mae_shuffled`` / ``test_error_shuffled``: the same procedure on permuted correctness
+labels (the shuffled-label baseline: what fitting noise reaches)."""
 SHIFT_SCHEMA = pa.schema([
     ("model", pa.string()), ("revision", pa.string()), ("fit_on", pa.string()), ("applied_to", pa.string()),
     ("layer", pa.string()), ("site", pa.string()), ("pool", pa.string()), ("scope", pa.string()),
@@ -200,12 +206,23 @@ def analyse_set(table: pa.Table, *, model: str, revision: str, queryset: str, op
                     skipped.append(str(err).split(": ", 1)[-1])
                     continue
                 cals.append(cal)
+                try:  # the shuffled-label baseline of this seed
+                    null: Calibration | None = calibrate(
+                        sig, correct, seed=s, size=opts.slice_size, split=opts.calibration_split,
+                        calibration_step=opts.calibration_step, eval_step=opts.fraction_step,
+                        regressors=opts.regressors, base_seed=opts.seed, shuffle=True)
+                except DataError:  # its split left a part without both labels
+                    null = None
                 rows["calibration"].append({
                     **key, "seed": s, "regressor": cal.chosen, "val_mae": cal.val_mae[cal.chosen], "mae": cal.mae,
                     **{f"mae_{r}": cal.test_mae.get(r) for r in REGRESSORS},
                     "mae_constant": cal.test_mae["constant"],
                     "calibration_size": cal.sizes[0], "validation_size": cal.sizes[1], "test_size": cal.sizes[2],
-                    "test_accuracy": cal.natural[0], "test_predicted": cal.natural[1]})
+                    "test_accuracy": cal.natural[0], "test_predicted": cal.natural[1],
+                    "test_error": 100 * abs(cal.natural[1] - cal.natural[0]),
+                    "test_error_constant": 100 * abs(cal.natural_constant - cal.natural[0]),
+                    "mae_shuffled": null.mae if null else None,
+                    "test_error_shuffled": 100 * abs(null.natural[1] - null.natural[0]) if null else None})
             if skipped and not results:  # the split does not depend on the variant: say it once
                 log(f"hardness: {model}@{revision} {queryset}: calibration skips {len(skipped)} of "
                     f"{opts.calibration_seeds} seeds ({skipped[0]})")
