@@ -187,7 +187,7 @@ def text_cloze(documents: Sequence[Document], *, name: str, context: int = 16, c
                choices: int = 10, n: int = 1000, seed: int = 0,
                distractors: Distractors = "same_document") -> list[dict]:
     """The cloze in words instead of tokens, for any model and for lm-evaluation-harness
-    (:mod:`dispersion.lm_eval_tasks`): :func:`draw_cloze` over each document's :data:`WORD`
+    (:mod:`dispersion.measure.lm_eval_tasks`): :func:`draw_cloze` over each document's :data:`WORD`
     units. One record per query: ``query_id`` (``{name}/{doc_id}@{offset}``, offset in words),
     ``context`` (T words, no trailing whitespace), ``choices`` (C spans of K words, each with
     its leading whitespace, so ``context + choice`` is the document's text), ``answer``."""
