@@ -16,9 +16,10 @@ safetensors files, local or on the hub, without loading the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,13 +240,33 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device) -> str:
-    """``auto``: bfloat16 on CUDA (if supported), float32 on CPU."""
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (x86 ``avx512_bf16`` or AMX
+    ``amx_bf16``, read from ``/proc/cpuinfo``); elsewhere torch emulates bf16 through fp32,
+    slower than fp32 itself."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device, warn: Callable[[str], None] | None = None) -> str:
+    """The dtype a model runs in on ``device``: ``auto`` is bfloat16 on CUDA (if supported) and
+    float32 on CPU; ``bfloat16`` on a CPU without native bf16 (:func:`cpu_bf16`) runs in
+    float32, with one line to ``warn`` (it would be slower than float32 there)."""
     import torch
 
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bfloat16"
+        return "float32"
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_bf16():
+        if warn is not None:
+            warn("warning: dtype bfloat16: this CPU has no native bf16 (avx512_bf16 or AMX), where torch "
+                 "emulates it more slowly than float32: running in float32")
         return "float32"
     return _DTYPES[dtype]
 

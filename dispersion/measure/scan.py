@@ -372,10 +372,11 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
             tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
     config.check_sample_sizes()
     publish: list[Callable[[], None]] = []  # every missing sample is drawn before any is written
+    warned: set[str] = set()  # a dtype warning once per scan, not once per model
     for mr in mrs:
         tok, fp = tok_cache[(mr.source.location, mr.source.revision)]
         n = mr.num_segments or config.sampling.num_segments
-        dtype = resolve_dtype(mr.dtype, device)
+        dtype = resolve_dtype(mr.dtype, device, warn=lambda line: warned.add(line) if line not in warned else None)
         spec_key = config.extraction.key(dtype)
         for seed in config.sampling.all_seeds:  # one independent sample per seed
             if (fp, n, seed) not in seg_cache:
@@ -386,6 +387,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
                 units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction,
                                       flops[mr.field] * config.sampling.segment_length)
                              for k in range(len(seg.shard_rows)))
+    for line in sorted(warned):
+        log(line)
     if sample:
         warn_if_short_of_space(units, widths, store, log)
     for write in publish:
