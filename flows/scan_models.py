@@ -1,7 +1,7 @@
 """The ``scan-models`` flow: the nightly model-zoo scan, and the one body of every measuring flow.
 
 config -> plan (sample segments, work units, the units of the analysis steps that measure)
--> Ray actors compute every pending unit -> DuckDB/Polars aggregations and the analysis steps
+-> Ray actors compute every pending unit -> aggregations and the analysis steps
 (reading the published shards) -> report (plot, tables, catalog) and Prefect artifacts.
 """
 
