@@ -5,7 +5,7 @@ a generated Zipf corpus), into a fresh root, then typical catalog queries.
 Reported: wall time of the flow; peak RSS of the driver (the flow process) and of each Ray
 worker process, sampled every 0.5 s over the process tree; the shards (count and bytes of
 segments, features and vectors); the time of each catalog query (``dispersion.core.catalog``,
-best of 3). Usage: python bench/bench_100k.py [--config configs/scale-100k.yaml] [--keep]
+best of 3). Usage: python bench/bench_100k.py [--config configs/scale-100k.yaml] [--segments N] [--keep]
 """
 
 from __future__ import annotations
@@ -55,15 +55,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/scale-100k.yaml")
     ap.add_argument("--keep", action="store_true", help="keep the root (printed)")
+    ap.add_argument("--segments", type=int, default=None,
+                    help="scan this many segments instead (bins of segments/100: 100 bins, as at 100k)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="scale-100k-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     print(f"load average {os.getloadavg()[0]:.2f} at start, {os.cpu_count()} CPUs; root {root}")
+    overrides = [] if args.segments is None else [
+        "-o", f"sampling.num_segments={args.segments}", "-o", f"analysis.bin_size={args.segments // 100}",
+        "-o", f"sampling.shard_size={min(5000, args.segments // 4)}"]
     peaks: dict = {}
     stop = threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "flows", "scan-models", "--config", args.config,
-                             "--root", str(root)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             "--root", str(root), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     watcher = threading.Thread(target=watch, args=(proc, peaks, stop), daemon=True)
     watcher.start()
