@@ -3,8 +3,9 @@ local Ray over 10, 30 and 100 checkpoints of one zoo model.
 
 A zoo gpt2-tiny trained for 297 steps with a checkpoint every 3 steps (100 checkpoint folders,
 built once into ``--cache``); per run a fresh root, one dataset (embedded prose, validation),
-``--segments`` segments of 128 tokens per checkpoint, 10 bins; the sweep scans each checkpoint,
-bins and correlates it, then writes the trajectory table and the catalog. Reported per run:
+``--segments`` segments of 128 tokens per checkpoint, 10 bins, the ``gap`` step (paper 001
+Sec. 3.2, every checkpoint's embedding gap); the sweep scans each checkpoint, bins and
+correlates it, runs the steps and the report, then writes the trajectory table and the catalog. Reported per run:
 wall time, seconds a checkpoint, peak RSS of the driver and of the largest Ray worker (sampled
 every 0.5 s, as ``bench/bench_100k.py``). Usage:
 python bench/bench_checkpoints.py [--cache /tmp/zoo-ckpt100] [--segments 500] [--counts 10,30,100]
@@ -57,7 +58,7 @@ def main() -> None:
             "datasets": [{"name": "prose", "embedded": "prose", "split": "validation"}],
             "sampling": {"num_segments": args.segments, "segment_length": 128, "shard_size": args.segments},
             "extraction": {"layers": ["final"], "pools": ["last"], "batch_size": 64},
-            "analysis": {"bin_size": args.segments // 10, "select_bins": 5},
+            "analysis": {"bin_size": args.segments // 10, "select_bins": 5, "steps": ["gap"]},
             "zoo": zoo.model_dump()}))
         peaks: dict = {}
         stop = threading.Event()
