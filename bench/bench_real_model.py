@@ -1,7 +1,8 @@
 """A real model, ours vs what a user would run instead: SmolLM2-135M, one run, same segments.
 
 The packaged SmolLM2-135M-Instruct (GGUF Q4_1, ``packaged: smollm2-135m``, dequantized once by
-the project's own conversion into ``.cache/models/gguf/<sha>/``) in float32 on the CPU, with
+the project's own conversion into ``.cache/models/gguf/<sha>/``) in float32 (``--dtype
+bfloat16``: every method in bf16, like for like) on the CPU, with
 ``torch.set_num_threads(<CPUs available>)``. Segments: the project's own sampling
 (:func:`dispersion.measure.sampling.sample_segments`, seed 0) from the embedded corpus,
 ``prose`` and ``code``, validation split. The SAME token segments go to:
@@ -16,7 +17,7 @@ the project's own conversion into ``.cache/models/gguf/<sha>/``) in float32 on t
 (c) a naive per-segment loop: one ``model(..., output_hidden_states=True)`` call per segment,
     full-logit ``log_softmax`` for the NLL, pools from ``hidden_states[-1]``.
 
-Reported: seconds, segment tokens/s, model FLOP/s as a fraction of the fp32 matmul peak
+Reported: seconds, segment tokens/s, model FLOP/s as a fraction of the matmul peak in the dtype
 measured here (2048² ``a @ b``, best of N, before and after the timed methods; the better one
 is the peak), speedup over (b), and the per-segment NLL agreement between (a) and (b)
 (``prepend_bos`` with BOS = HFLM's ``prefix_token_id``, which for this tokenizer is its BOS
@@ -70,9 +71,9 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def matmul_peak(n: int = 2048, reps: int = 20) -> float:
-    """fp32 FLOP/s of a square matmul, best of ``reps``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul in ``dtype``, best of ``reps``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -258,6 +259,8 @@ def main() -> None:
     p.add_argument("--model-cache", default=".cache/models")
     p.add_argument("--quick", action="store_true", help="8 segments per domain, batches 4,8 (a smoke run)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's dtype for every method (like for like); the peak is measured in it")
     args = p.parse_args()
     if args.quick:
         args.per_domain, args.batches = 8, "4,8"
@@ -276,7 +279,8 @@ def main() -> None:
                      datasets=[DatasetSpec(name=d, embedded=d) for d in DOMAINS], model_cache=args.model_cache)
     [mr] = model_revisions(cfg, log=print)  # converts the packaged GGUF once, then reads the cache
     tok = load_tokenizer(mr.source)
-    ex = load_extractor(mr, ExtractionSpec(batch_size=batches[0], device="cpu"), "float32")
+    ex = load_extractor(mr, ExtractionSpec(batch_size=batches[0], device="cpu"), args.dtype)
+    peak_dtype = getattr(torch, args.dtype)
     model = ex.model
     bos = ex.bos_token_id
     segs, texts, domains = load_segments(tok, args.per_domain, args.T)
@@ -308,7 +312,7 @@ def main() -> None:
     hidden_pass(model, w, bos, 4)
     naive(model, w[:2], bos)
 
-    peak0 = matmul_peak()
+    peak0 = matmul_peak(dtype=peak_dtype)
     timings: dict[str, float] = {}
     loads: dict[str, float] = {}  # 1-minute load average when each method ends (this run alone: ~2)
     res_a: dict[int, dict] = {}
@@ -325,11 +329,11 @@ def main() -> None:
     res_c = naive(model, segs, bos)
     timings["c"] = time.perf_counter() - t
     loads["c"] = os.getloadavg()[0]
-    peak1 = matmul_peak()
+    peak1 = matmul_peak(dtype=peak_dtype)
     peak = max(peak0, peak1)
     load_end = os.getloadavg()[0]
 
-    print(f"\nmatmul peak (fp32 2048² `a @ b`, best of 20): {peak0 / 1e9:.1f} GFLOP/s before, "
+    print(f"\nmatmul peak ({args.dtype} 2048² `a @ b`, best of 20): {peak0 / 1e9:.1f} GFLOP/s before, "
           f"{peak1 / 1e9:.1f} after -> peak {peak / 1e9:.1f} GFLOP/s; load average {load_end:.2f} at the end\n")
     print("| method | batch | seconds | tokens/s | model GFLOP/s | fraction of peak | vs (b) | load |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
