@@ -84,6 +84,11 @@ class Leases:
                            "start": self._start, "pidns": pid_namespace(),
                            "expires": round(self.clock() + self.seconds, 3), "note": note}).encode()
 
+    def live(self, lease: dict) -> bool:
+        """A readable lease that has not expired and whose holder may still run (not a gone
+        process of this host)."""
+        return bool(lease) and float(lease.get("expires", 0)) > self.clock() and not dead_holder(lease)
+
     def holds(self, rel: str) -> bool:
         return rel in self._held
 
@@ -111,7 +116,7 @@ class Leases:
                     self._held[rel] = (new, body, time.monotonic())
                     return None
                 continue
-            if lease and float(lease.get("expires", 0)) > self.clock() and not dead_holder(lease):
+            if self.live(lease):
                 return lease
             # expired, its holder gone, or unreadable: whoever deletes this version takes over
             self.store.delete_if(rel, tag)
@@ -174,9 +179,7 @@ class Leases:
                 if current is None:
                     continue
                 lease = _parse(current[0])
-                stale = (not lease or lease.get("owner") == self.owner or dead_holder(lease)
-                         or float(lease.get("expires", 0)) <= self.clock()
-                         or self.store.exists(done_of(rel)))
+                stale = not self.live(lease) or lease.get("owner") == self.owner or self.store.exists(done_of(rel))
                 if stale and self.store.delete_if(rel, current[1]):
                     removed += 1
             self.store.prune_tree("_leases")
@@ -188,4 +191,4 @@ class Leases:
         if current is None:
             return None
         lease = _parse(current[0])
-        return lease if lease and float(lease.get("expires", 0)) > self.clock() and not dead_holder(lease) else None
+        return lease if self.live(lease) else None

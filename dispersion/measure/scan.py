@@ -376,7 +376,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     for mr in mrs:
         tok, fp = tok_cache[(mr.source.location, mr.source.revision)]
         n = mr.num_segments or config.sampling.num_segments
-        dtype = resolve_dtype(mr.dtype, device, warn=lambda line: warned.add(line) if line not in warned else None)
+        dtype = resolve_dtype(mr.dtype, device, warn=warned.add)
         spec_key = config.extraction.key(dtype)
         for seed in config.sampling.all_seeds:  # one independent sample per seed
             if (fp, n, seed) not in seg_cache:

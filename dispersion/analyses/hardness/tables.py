@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -197,20 +198,18 @@ def analyse_set(table: pa.Table, *, model: str, revision: str, queryset: str, op
         cals: list[Calibration] = []
         if opts.calibration and size >= 2:
             skipped: list[str] = []
-            for s in range(opts.calibration_seeds):
-                try:
-                    cal = calibrate(sig, correct, seed=s, size=opts.slice_size, split=opts.calibration_split,
+            fit = functools.partial(calibrate, sig, correct, size=opts.slice_size, split=opts.calibration_split,
                                     calibration_step=opts.calibration_step, eval_step=opts.fraction_step,
                                     regressors=opts.regressors, base_seed=opts.seed)
+            for s in range(opts.calibration_seeds):
+                try:
+                    cal = fit(seed=s)
                 except DataError as err:  # this seed's split left a part without both labels
                     skipped.append(str(err).split(": ", 1)[-1])
                     continue
                 cals.append(cal)
                 try:  # the shuffled-label baseline of this seed
-                    null: Calibration | None = calibrate(
-                        sig, correct, seed=s, size=opts.slice_size, split=opts.calibration_split,
-                        calibration_step=opts.calibration_step, eval_step=opts.fraction_step,
-                        regressors=opts.regressors, base_seed=opts.seed, shuffle=True)
+                    null: Calibration | None = fit(seed=s, shuffle=True)
                 except DataError:  # its split left a part without both labels
                     null = None
                 rows["calibration"].append({
