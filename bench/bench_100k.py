@@ -51,6 +51,26 @@ def watch(proc: subprocess.Popen, peaks: dict, stop: threading.Event) -> None:
         time.sleep(0.5)
 
 
+def run_watched(args: list[str], env: dict, what: str) -> tuple[str, float, dict]:
+    """Run ``python -m flows ARGS`` in the repo, watching its process tree (:func:`watch`):
+    its output, wall seconds and peak RSS by (pid, name); one ``error:`` line and exit if it fails."""
+    peaks: dict = {}
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "flows", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watcher = threading.Thread(target=watch, args=(proc, peaks, stop), daemon=True)
+    watcher.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    watcher.join(5)
+    if proc.returncode != 0:
+        print(out[-5000:])
+        sys.exit(f"error: {what} failed with status {proc.returncode}")
+    return out, wall, peaks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/scale-100k.yaml")
@@ -64,21 +84,8 @@ def main() -> None:
     overrides = [] if args.segments is None else [
         "-o", f"sampling.num_segments={args.segments}", "-o", f"analysis.bin_size={args.segments // 100}",
         "-o", f"sampling.shard_size={min(5000, args.segments // 4)}"]
-    peaks: dict = {}
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "scan-models", "--config", args.config,
-                             "--root", str(root), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    watcher = threading.Thread(target=watch, args=(proc, peaks, stop), daemon=True)
-    watcher.start()
-    out, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    stop.set()
-    watcher.join(5)
-    if proc.returncode != 0:
-        print(out[-5000:])
-        sys.exit(f"error: the flow failed with status {proc.returncode}")
+    out, wall, peaks = run_watched(["scan-models", "--config", args.config, "--root", str(root), *overrides], env,
+                                   "the flow")
     lines = [ln for ln in out.splitlines() if "extract:" in ln or "analysis" in ln or "bins" in ln]
     print("\n".join(lines[-8:]))
     print(f"\nflow wall time: {wall:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")

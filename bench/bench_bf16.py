@@ -34,20 +34,8 @@ from dispersion.measure.modeling import cpu_bf16, load_tokenizer  # noqa: E402
 from dispersion.measure.sampling import sample_segments  # noqa: E402
 from dispersion.measure.scan import load_extractor, model_revisions  # noqa: E402
 
-
-def cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real_model import cpus, matmul_peak  # noqa: E402
 
 
 def segments(tok, n: int, T: int) -> list[np.ndarray]:
@@ -77,8 +65,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cpus()} threads, CPU bf16 (avx512_bf16 / AMX): {cpu_bf16()}, "
           f"load average {os.getloadavg()[0]:.2f} at start; {len(segs)} segments x {args.T} tokens, "
           f"batch {args.batch}")
-    print(f"2048^3 matmul: fp32 {matmul_rate(torch.float32) / 1e9:.1f} GFLOP/s, "
-          f"bf16 {matmul_rate(torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    print(f"2048^3 matmul: fp32 {matmul_peak(reps=10, dtype=torch.float32) / 1e9:.1f} GFLOP/s, "
+          f"bf16 {matmul_peak(reps=10, dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     res, secs = {}, {}
     for dtype in ("float32", "bfloat16"):
         ex = load_extractor(mr, ExtractionSpec(batch_size=args.batch, device="cpu"), dtype)

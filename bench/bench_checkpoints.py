@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_100k import watch  # noqa: E402
+from bench_100k import run_watched  # noqa: E402
 
 
 def main() -> None:
@@ -60,21 +58,8 @@ def main() -> None:
             "extraction": {"layers": ["final"], "pools": ["last"], "batch_size": 64},
             "analysis": {"bin_size": args.segments // 10, "select_bins": 5, "steps": ["gap"]},
             "zoo": zoo.model_dump()}))
-        peaks: dict = {}
-        stop = threading.Event()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "flows", "checkpoint-sweep", "--config", str(cfg),
-                                 "--model", "gpt2-tiny", "--revisions", *revs], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        watcher = threading.Thread(target=watch, args=(proc, peaks, stop), daemon=True)
-        watcher.start()
-        out, _ = proc.communicate()
-        wall = time.perf_counter() - t0
-        stop.set()
-        watcher.join(5)
-        if proc.returncode != 0:
-            print(out[-4000:])
-            sys.exit(f"error: the sweep over {k} checkpoints failed")
+        _, wall, peaks = run_watched(["checkpoint-sweep", "--config", str(cfg), "--model", "gpt2-tiny",
+                                      "--revisions", *revs], env, f"the sweep over {k} checkpoints")
         driver = max(v for (_, name), v in peaks.items() if name == "driver")
         actor = max((v for (_, name), v in peaks.items() if name.startswith("ray::")), default=0)
         print(f"| {k} | {wall:.0f} | {wall / k:.2f} | {driver / 2**20:.0f} | {actor / 2**20:.0f} | "
