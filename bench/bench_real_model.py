@@ -179,7 +179,7 @@ def breakdown(ex, segs: list[np.ndarray], batch: int, fpt: float, peak: float, r
     """One batch, best of ``reps`` each: base-model forward (no hooks, no head), the LM head on
     every scored row (chunked as the extractor chunks), log-sum-exp over those logits, the HF
     forward with full logits, and the extractor's whole batch."""
-    from dispersion.measure.extract import LOGIT_BUDGET
+    from dispersion.measure.head import LOGIT_BUDGET
 
     model, bos = ex.model, ex.bos_token_id
     part = segs[:batch]
@@ -261,6 +261,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the model's dtype for every method (like for like); the peak is measured in it")
+    p.add_argument("--fused-head", action="store_true",
+                   help="(a) with the fused LM head + log-sum-exp (extraction.fused_head: on)")
     args = p.parse_args()
     if args.quick:
         args.per_domain, args.batches = 8, "4,8"
@@ -279,7 +281,8 @@ def main() -> None:
                      datasets=[DatasetSpec(name=d, embedded=d) for d in DOMAINS], model_cache=args.model_cache)
     [mr] = model_revisions(cfg, log=print)  # converts the packaged GGUF once, then reads the cache
     tok = load_tokenizer(mr.source)
-    ex = load_extractor(mr, ExtractionSpec(batch_size=batches[0], device="cpu"), args.dtype)
+    ex = load_extractor(mr, ExtractionSpec(batch_size=batches[0], device="cpu"), args.dtype,
+                        fused_head=args.fused_head)
     peak_dtype = getattr(torch, args.dtype)
     model = ex.model
     bos = ex.bos_token_id

@@ -144,3 +144,17 @@ LONG_FIRST = ("test_flows.py", "test_deploy.py", "test_flows_s3.py", "test_scan.
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
+def exact_p(x, y) -> float:
+    """Spearman's two-sided p by counting every ordering of ``y`` (scipy's rho each time): the
+    naive reference of :func:`dispersion.measure.binning.spearman_exact_p`."""
+    import itertools
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    obs = abs(spearmanr(x, y).statistic)
+    y = np.asarray(y, float)
+    return float(np.mean([abs(spearmanr(x, y[list(p)]).statistic) >= obs - 1e-12
+                          for p in itertools.permutations(range(len(y)))]))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from dispersion.measure.binning import (
+    spearman_exact_p,
     BinTable,
     Bins,
     bin_dispersion,
@@ -182,7 +186,26 @@ def test_correlations_monotone():
     assert up["pearson_p"] == pytest.approx(pr[1], rel=1e-12)
     down = correlations(x, -np.exp(x))
     assert down["spearman_r"] == pytest.approx(-1.0)
-    assert down["spearman_p"] == pytest.approx(stats.spearmanr(x, -np.exp(x))[1], rel=1e-12)
+    # 8 pairs: the exact p, 2 of the 8! orderings as extreme (scipy's t approximation says 0)
+    assert down["spearman_p"] == pytest.approx(2 / math.factorial(8), rel=1e-12)
+    x10 = np.arange(1.0, 11.0)  # beyond EXACT_MAX: scipy's p
+    assert correlations(x10, -np.exp(x10))["spearman_p"] == pytest.approx(stats.spearmanr(x10, -np.exp(x10))[1])
+
+
+@pytest.mark.parametrize("n", [3, 4, 6, 7])
+def test_the_exact_spearman_p_counts_every_ordering(n):
+    """Against a naive count with scipy's rho over every permutation, ties included."""
+    rng = np.random.default_rng(n)
+    x, y = rng.integers(0, 4, n).astype(float), rng.normal(size=n)
+    x[0] = x[1] + 1 if x[0] == x[1] else x[0]  # at least two distinct values
+    obs = abs(stats.spearmanr(x, y).statistic)
+    naive = np.mean([abs(stats.spearmanr(x, y[list(p)]).statistic) >= obs - 1e-12
+                     for p in itertools.permutations(range(n))])
+    assert spearman_exact_p(x, y) == pytest.approx(naive, abs=1e-12)
+    assert correlations(x, y)["spearman_p"] == pytest.approx(naive, abs=1e-12)
+    assert spearman_exact_p([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(2 / 24)  # rho = 1 over 4 pairs
+    with pytest.raises(ValueError, match="at most 9"):
+        spearman_exact_p(np.arange(10), np.arange(10))
 
 
 def test_correlations_errors():

@@ -52,6 +52,7 @@ def test_fisher_interval_of_spearman_rho():
     half = stats.norm.ppf(0.975) * math.sqrt((1 + 0.18) / 27)
     assert (lo, hi) == pytest.approx((math.tanh(math.atanh(0.6) - half), math.tanh(math.atanh(0.6) + half)))
     assert fisher_interval(0.6, 3, 0.95) == (None, None)
+    assert fisher_interval(1.0, 4, 0.95) == (None, None) == fisher_interval(-1.0, 12, 0.95)  # z infinite
 
 
 @pytest.fixture(scope="module")

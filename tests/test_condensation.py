@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import exact_p
 import torch
 from torch import nn
 
@@ -246,6 +247,7 @@ def test_depth_correlation_equals_scipy(models):
     cmap = condensation_histograms(models["gpt2"], _segments(3), CondensationSpec(num_sequences=3, bins=8))
     c = depth_correlation(cmap)
     rho, p = stats.spearmanr(cmap.depths, cmap.mean)
+    p = exact_p(cmap.depths, cmap.mean) if len(cmap.depths) <= 9 else p  # the exact p over a few layers
     tau, tp = stats.kendalltau(cmap.depths, cmap.mean)
     assert (c["spearman_r"], c["spearman_p"], c["kendall_tau"], c["kendall_p"]) == \
         pytest.approx((rho, p, tau, tp), nan_ok=True)

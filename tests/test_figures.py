@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import exact_p
 from scipy.stats import spearmanr
 
 from dispersion.analyses.bins import BIN_SCHEMA
@@ -313,8 +314,9 @@ def test_spearman_helper_matches_scipy_and_formats():
     y = [2.0, 1.0, 4.0, 3.0, 6.0]
     r = F.spearman(x, y)
     ref = spearmanr(x, y)
-    assert r is not None and r.rho == pytest.approx(ref.statistic) and r.p == pytest.approx(ref.pvalue) and r.n == 5
-    assert r.text() == f"ρ = +{ref.statistic:.2f}, p = {ref.pvalue:.2g}, n = 5"
+    p = exact_p(x, y)  # 5 pairs: the exact p of every ordering, not scipy's t approximation
+    assert r is not None and r.rho == pytest.approx(ref.statistic) and r.p == pytest.approx(p) and r.n == 5
+    assert r.text() == f"ρ = +{ref.statistic:.2f}, p = {p:.2g}, n = 5"
     assert F.Rho(-0.5, 1e-5, 30).text() == "ρ = −0.50, p < 0.001, n = 30"
     assert F.spearman([1, 2], [3, 4]) is None                 # too few points
     assert F.spearman([1, 2, 3], [1, 1, 1]) is None           # constant side

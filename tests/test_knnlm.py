@@ -1,6 +1,8 @@
 """kNN-LM (paper 001 Sec. 3.3, B.3): the kNN distribution against brute force, interpolation,
 datastores built twice and resumed, the paper-scale config, and the step end to end."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -241,6 +243,14 @@ def test_the_configs_validate():
     assert pair.sites == ["resid_mid", "block"] and candidate_layers(30, pair.layers, pair.max_layers) == ["30"]
     assert pair.datastore_tokens >= 200_000 and pair.index.kind(pair.datastore_tokens) == "ivfflat"
     assert pair.eval_windows * (pair.window - 1) >= 20_000  # scored tokens, tune and test halves
+    assert len(pair.evaluation_seeds) >= 3
+    zoo = load_config("configs/knnlm-zoo.yaml")  # the zoo's pair: 1M+ keys, 20k+ test tokens a sample
+    z = zoo.analysis.knnlm
+    assert {m.zoo for m in zoo.models} == {"gpt2-tiny", "llama-small"} and z.sites == ["resid_mid", "block"]
+    assert z.datastore_tokens >= 1_000_000 and z.index.kind(z.datastore_tokens) == "ivfflat"
+    assert z.eval_windows // 2 * (z.window - 1) >= 20_000 and len(z.evaluation_seeds) >= 3
+    assert candidate_layers(4, z.layers, z.max_layers) == ["4"]
+    assert "knnlm-zoo.yaml" in (Path("Makefile").read_text().split("\nknnlm-pair:", 1)[1].split("\n\n", 1)[0])
 
 
 def test_options_are_checked():
@@ -254,6 +264,9 @@ def test_options_are_checked():
         parse_config({**base, "analysis": {"knnlm": {"pool_windows": 50}}})
     with pytest.raises(ConfigError, match=r"analysis.knnlm.lam"):
         parse_config({**base, "analysis": {"knnlm": {"lam": 1.0}}})
+    with pytest.raises(ConfigError, match=r"analysis.knnlm.*eval_seeds: give distinct seeds \(got \[1, 1\]\)"):
+        parse_config({**base, "analysis": {"knnlm": {"eval_seeds": [1, 1]}}})
+    assert parse_config({**base, "analysis": {"knnlm": {"seed": 4}}}).analysis.knnlm.evaluation_seeds == [4]
     same = {"name": "x", "embedded": "prose", "split": "validation"}
     with pytest.raises(ConfigError, match=r"analysis.knnlm.evaluation: the same text as the datastore "
                                           r"\(embedded prose, split validation\): every evaluated token would "
@@ -292,7 +305,7 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
         sampling={"num_segments": 30, "segment_length": 32, "shard_size": 30, "seed": 3},
         analysis={"bin_size": 10, "steps": ["knnlm"], "knnlm": {
             "window": 32, "datastore_tokens": 1500, "pool_windows": 24, "eval_windows": 6, "chunks": [4, 8],
-            "seeds": 3, "shard_windows": 16, "k": 64}}))
+            "seeds": 3, "shard_windows": 16, "k": 64, "eval_seeds": [0, 7]}}))
     result = run_scan(cfg, progress=False, log=lambda m: None)
     store = Store(str(tmp_path))
     cands = store.read_table("results/knnlm_candidates/t.parquet").to_pylist()
@@ -301,11 +314,23 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
     assert all(c["k"] == 64 and c["datastore"] == 1519 and c["base_ppl"] > 1 for c in cands)
     verdict = store.read_table("results/knnlm_verdict/t.parquet").to_pylist()
     assert len(verdict) == 1 and verdict[0]["candidates"] == 6 and verdict[0]["att_more_dispersed"] is not None
-    v = verdict[0]  # the pair at the tuned (lambda, T) of each key, its interval over the evaluation windows
+    v = verdict[0]  # the pair at the tuned (lambda, T) of each key, pooled over the two evaluation samples
     pair = {c["site"]: c for c in cands if c["layer"] == "2" and c["site"] in ("resid_mid", "block")}
-    assert v["pair_ppl_diff"] == pytest.approx(pair["block"]["tuned_ppl"] - pair["resid_mid"]["tuned_ppl"])
-    assert v["pair_ci_low"] <= v["pair_ci_high"] and 0 < v["pair_p"] <= 1 and v["pair_n_boot"] == 1000
-    assert v["pair_tokens"] == pair["block"]["test_tokens"] and 1 <= v["pair_windows"] <= 6
+    samples = store.read_table("results/knnlm_pair/t.parquet").to_pylist()
+    assert [(r["eval_seed"], r["primary"]) for r in samples] == [(0, True), (7, False)]
+    first = samples[0]  # the primary sample's pair is the candidates' final-block pair
+    assert first["pair_ppl_diff"] == pytest.approx(pair["block"]["tuned_ppl"] - pair["resid_mid"]["tuned_ppl"])
+    assert first["att_tuned_ppl"] == pair["resid_mid"]["tuned_ppl"] and first["pair_tokens"] == pair["block"]["test_tokens"]
+    for r in samples:
+        assert r["pair_ci_low"] <= r["pair_ci_high"] and 0 < r["pair_p"] <= 1 and 1 <= r["pair_windows"] <= 6
+        assert r["pair_ppl_diff"] == pytest.approx(r["ffn_tuned_ppl"] - r["att_tuned_ppl"])
+    assert v["pair_samples"] == 2 and v["pair_n_boot"] == 1000 and v["pair_ci_low"] <= v["pair_ci_high"]
+    assert v["pair_tokens"] == sum(r["pair_tokens"] for r in samples)
+    assert v["pair_windows"] == sum(r["pair_windows"] for r in samples)
+    # pooled perplexity = exp(token-weighted mean log perplexity) of the samples, per key
+    n = np.array([r["pair_tokens"] for r in samples], float)
+    pooled = {k: np.exp(n @ np.log([r[k] for r in samples]) / n.sum()) for k in ("att_tuned_ppl", "ffn_tuned_ppl")}
+    assert v["pair_ppl_diff"] == pytest.approx(pooled["ffn_tuned_ppl"] - pooled["att_tuned_ppl"], rel=1e-9)
     claim = next(r for r in result.tables["claims"].to_pylist() if r["claim"] == "dispersed_key_is_better")
     assert claim["p"] == v["pair_p"] and claim["verdict"] in ("supported", "contradicted", "inconclusive")
     t1 = store.read_table("results/knnlm_table1/t.parquet").to_pylist()
@@ -324,7 +349,7 @@ def test_the_step_end_to_end(micro_zoo, tmp_path):
     from dispersion.core.catalog import query
 
     assert result.catalog
-    for view in ("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_chunks"):
+    for view in ("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_pair", "knnlm_chunks"):
         assert query(store, f"select count(*) as n from {view}").column("n")[0].as_py() > 0
     # the flow's path: the step's plan on the Ray runner; a shard whose marker is gone is built again, identically
     from dispersion.analyses import STEPS

@@ -205,12 +205,13 @@ def _training(ctx: ClaimContext) -> list[Evidence] | str:
 
 def fisher_interval(rho: float, n: int, level: float) -> tuple[float | None, float | None]:
     """Interval of a Spearman rho over ``n`` pairs from Fisher's z with the Bonett-Wright (2000)
-    standard error :math:`\\sqrt{(1 + \\rho^2 / 2) / (n - 3)}`; None below 4 pairs."""
+    standard error :math:`\\sqrt{(1 + \\rho^2 / 2) / (n - 3)}`; None below 4 pairs and at
+    |rho| = 1 (z is infinite there: the interval is not defined, not a point)."""
     from scipy.stats import norm
 
-    if n < 4 or rho is None or not math.isfinite(rho):
+    if n < 4 or rho is None or not math.isfinite(rho) or abs(rho) >= 1.0:
         return None, None
-    z = math.atanh(max(min(rho, 0.999999), -0.999999))
+    z = math.atanh(rho)
     half = norm.ppf((1 + level) / 2) * math.sqrt((1 + rho * rho / 2) / (n - 3))
     return math.tanh(z - half), math.tanh(z + half)
 
@@ -241,7 +242,8 @@ def _gap(ctx: ClaimContext) -> list[Evidence] | str:
 
 def _trajectory(ctx: ClaimContext) -> list[Evidence] | str:
     return _spearman_rows(ctx, "trajectory_spearman", "trajectory", "n_checkpoints",
-                          lambda r: f"{r['measure']} vs {r['task']} over checkpoints")
+                          lambda r: f"{r['measure']} vs {r['task']} over checkpoints",
+                          keep=lambda r: r["measure"] != "corpus_ppl")  # perplexity is the table's check, not the claim
 
 
 def _hardness(ctx: ClaimContext) -> list[Evidence] | str:
@@ -292,9 +294,14 @@ def _knnlm(ctx: ClaimContext) -> list[Evidence] | str:
         lo, hi = sorted((sign * r["pair_ci_low"], sign * r["pair_ci_high"]))
         out.append(Evidence(r["model"], r["revision"], None, detail, "kNN-LM perplexity difference",
                             sign * r["pair_ppl_diff"], lo, hi,
-                            f"bootstrap over {r['pair_windows']} evaluation windows ({r['pair_tokens']} tokens)",
+                            f"bootstrap over {r['pair_windows']} evaluation windows ({r['pair_tokens']} tokens"
+                            f"{_samples(r.get('pair_samples'))})",
                             r["pair_tokens"], r["pair_p"]))
     return out or "no final-block resid_mid/block pair in the kNN-LM step"
+
+
+def _samples(n: int | None) -> str:
+    return f", {n} evaluation samples pooled" if n and n > 1 else ""
 
 
 def _push_away(ctx: ClaimContext) -> str:
@@ -322,10 +329,12 @@ CLAIMS: tuple[Claim, ...] = (
               "permutation p (correctness labels permuted, slices drawn again)"),
     Claim("gap_ranks_models", "001 Sec. 3.2, B.2",
           "the dispersion gap ranks models by task score", 1, _gap,
-          how="Spearman of the gap vs a task score over models; Fisher z (Bonett-Wright) interval, scipy's p"),
+          how="Spearman of the gap vs a task score over models; Fisher z (Bonett-Wright) interval; p exact "
+              "(every ordering) up to 9 models, else scipy's"),
     Claim("dispersion_tracks_training", "001 B.2.2, Fig. 33",
           "dispersion tracks task score across checkpoints", 1, _trajectory,
-          how="Spearman over checkpoints; Fisher z interval, scipy's p"),
+          how="Spearman over checkpoints; Fisher z interval; p exact (every ordering) up to 9 checkpoints, "
+              "else scipy's"),
     Claim("dispersed_key_is_better", "001 Sec. 3.3",
           "the more dispersed sub-layer is the better kNN-LM key", 1, _knnlm,
           how="kNN-LM perplexity of the less dispersed final-block key minus the more dispersed one's, each at "

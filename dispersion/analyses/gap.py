@@ -71,14 +71,15 @@ class SpearmanResult:
 
 def spearman_vs_scores(gap_table: pa.Table, scores: str | os.PathLike | pa.Table, *, task: str | None = None,
                        domain: str, metric: Metric = "cosine") -> SpearmanResult:
-    """Spearman ρ (``scipy.stats.spearmanr``) between G and a task score (§3.2, B.2.2).
+    """Spearman ρ (:func:`dispersion.measure.binning.correlations`: scipy, the exact p over a
+    few models) between G and a task score (§3.2, B.2.2).
 
     ``scores`` (see :func:`read_scores`) is filtered to ``task`` (``None``: it must hold
     exactly one task) and joined with the gap rows of ``domain`` / ``metric`` on
     (model, revision); rows with a null or NaN score are left out. ``rows`` holds the
     joined rows (model, revision, step, gap, score), in gap-table order.
     """
-    from scipy.stats import spearmanr
+    from dispersion.measure.binning import correlations
 
     sc = read_scores(scores)
     tasks = sorted(set(sc.column("task").to_pylist()) - {None})
@@ -109,11 +110,16 @@ def spearman_vs_scores(gap_table: pa.Table, scores: str | os.PathLike | pa.Table
     if len(joined) < 3:
         raise DataError(f"spearman: need at least 3 (model, revision) pairs in both the gap table and the "
                         f"scores of task {task!r}, got {len(joined)}")
-    res = spearmanr([j["gap"] for j in joined], [j["score"] for j in joined])
+    gaps, vals = [j["gap"] for j in joined], [j["score"] for j in joined]
+    try:
+        c = correlations(gaps, vals)
+        rho_p = (float(c["spearman_r"]), float(c["spearman_p"]))
+    except ValueError:  # a constant side: undefined
+        rho_p = (float("nan"), float("nan"))
     rows = pa.Table.from_pylist(joined, schema=pa.schema([
         ("model", pa.string()), ("revision", pa.string()), ("step", pa.int64()),
         ("gap", pa.float64()), ("score", pa.float64())]))
-    return SpearmanResult(float(res.statistic), float(res.pvalue), len(joined), rows)
+    return SpearmanResult(*rho_p, len(joined), rows)
 
 
 # --------------------------------------------------------------------------- plot

@@ -104,6 +104,10 @@ class KnnlmOptions(Strict):
         shard_windows: windows per shard (a work unit; a Ray task in the flow).
         batch_size: windows per forward pass (None: ``extraction.batch_size``).
         seed: seeds the window samples and the Table-1 draws.
+        eval_seeds: independent evaluation samples (the seeds of their pool draws; None:
+            ``[seed]``). The first one's pool gives Table 1, Fig. 34 and the candidates; on every
+            one the final-block pair is scored against the same datastore, each sample tuning
+            its own (λ, T), and the pair's difference is reported per sample and pooled.
     """
 
     datastore: DatasetSpec = Field(default_factory=lambda: DatasetSpec(
@@ -133,10 +137,14 @@ class KnnlmOptions(Strict):
     shard_windows: Annotated[int, Field(ge=1)] = 64
     batch_size: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
+    eval_seeds: Annotated[list[int], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _sizes(self) -> KnnlmOptions:
         from dispersion.measure.sites import SITES
+
+        if self.eval_seeds is not None and len(set(self.eval_seeds)) != len(self.eval_seeds):
+            raise ValueError(f"eval_seeds: give distinct seeds (got {self.eval_seeds})")
 
         for name in ("sites", "table1_sites"):
             for i, s in enumerate(getattr(self, name) or []):
@@ -151,6 +159,11 @@ class KnnlmOptions(Strict):
                              f"evaluated token would retrieve itself (p_kNN of the target near 1); evaluate on "
                              f"another split")
         return self
+
+    @property
+    def evaluation_seeds(self) -> list[int]:
+        """The seeds of the evaluation samples; the first is the primary one."""
+        return list(self.eval_seeds) if self.eval_seeds is not None else [self.seed]
 
     @property
     def t1_sites(self) -> list[str]:
@@ -229,11 +242,20 @@ class ModelPlan:
     bos: int | None                  # the BOS id fed first (None: no BOS)
     spec: ForwardSpec
     store_units: list[KnnUnit]
-    eval_units: list[KnnUnit]
+    eval_units: list[KnnUnit]        # the primary evaluation sample's (Table 1, Fig. 34, every candidate)
+    resamples: dict[int, list[KnnUnit]] = field(default_factory=dict)  # further evaluation samples, by seed
+
+    @property
+    def evals(self) -> dict[int | None, list[KnnUnit]]:
+        """Every evaluation sample's units, the primary one first (key None)."""
+        out: dict[int | None, list[KnnUnit]] = {None: self.eval_units}
+        for seed, units in self.resamples.items():
+            out[seed] = units
+        return out
 
     @property
     def units(self) -> list[KnnUnit]:
-        return [*self.store_units, *self.eval_units]
+        return [*self.store_units, *self.eval_units, *(u for us in self.resamples.values() for u in us)]
 
 
 def candidate_layers(n_layers: int, layers: Literal["all"] | Sequence[LayerRef], max_layers: int) -> list[str]:
@@ -305,11 +327,15 @@ def plan(config: ScanConfig, store: Store, opts: KnnlmOptions, log: Callable[[st
             count = None if opts.datastore_tokens is None else math.ceil(opts.datastore_tokens / (length - 1))
             ws = prepare_windows(config, store, tok, fp, opts.datastore, length=length, count=count,
                                  shard_size=opts.shard_windows, seed=opts.seed, log=log)
-            we = prepare_windows(config, store, tok, fp, opts.evaluation, length=length, count=opts.pool_windows,
-                                 shard_size=opts.shard_windows, seed=opts.seed, log=log)
-            check_overlap(store, ws, we, opts, log)
-            windows[(fp, length)] = (ws, we)
-        ws, we = windows[(fp, length)]
+            wes = {s: prepare_windows(config, store, tok, fp, opts.evaluation, length=length,
+                                      count=opts.pool_windows, shard_size=opts.shard_windows, seed=s, log=log)
+                   for s in opts.evaluation_seeds}
+            for we in wes.values():
+                check_overlap(store, ws, we, opts, log)
+            windows[(fp, length)] = (ws, wes)
+        ws, wes = windows[(fp, length)]
+        first, *more = opts.evaluation_seeds
+        we = wes[first]
         pool = int(sum(we.shard_rows))
         every = max(1, pool // opts.eval_windows)
         count_eval = min(opts.eval_windows, math.ceil(pool / every))
@@ -321,7 +347,8 @@ def plan(config: ScanConfig, store: Store, opts: KnnlmOptions, log: Callable[[st
                            device=config.extraction.device)
         bos = resolve_bos(tok, f"{FIELD}.prepend_bos") if bos_on else None
         plans.append(ModelPlan(mr, n, length, bos, spec, plan_units(mr, opts.datastore.name, "store", ws, spec, bos),
-                               plan_units(mr, opts.evaluation.name, "eval", we, spec, bos)))
+                               plan_units(mr, opts.evaluation.name, "eval", we, spec, bos),
+                               {s: plan_units(mr, opts.evaluation.name, "eval", wes[s], spec, bos) for s in more}))
     return plans
 
 
@@ -342,6 +369,7 @@ class Measured:
     table1: list[dict] = field(default_factory=list)
     chunks: list[dict] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)
+    pairs: list[dict] = field(default_factory=list)  # the final-block pair per evaluation sample
     verdict: dict = field(default_factory=dict)
 
 
@@ -387,38 +415,84 @@ def measure(store: Store, p: ModelPlan, opts: KnnlmOptions, log: Callable[[str],
                 disp[t] = float(vals.mean())
         out.chunks += [{**base, "window": int(i), "layer": t[0], "site": t[1], "ppl": float(ppl[i]),
                         "within": float(w[i])} for i in range(pool)]
-    toks = kn.read_table(store, p.eval_units, "tokens")
-    targets = np.asarray(toks.column("target").to_numpy(), np.int64)
-    lm_lp = np.asarray(toks.column("lm_logprob").to_numpy(), np.float64)
-    tune = np.asarray([h == "tune" for h in toks.column("half").to_pylist()])
     values = np.asarray(kn.read_table(store, p.store_units, "values", columns=["value"]).column("value").to_numpy(),
                         np.int64)
-    test_lp: dict[str, np.ndarray] = {}  # per final-block pair site: its test tokens' tuned log-probabilities
+    evals = {sample: evaluated_tokens(store, units) for sample, units in p.evals.items()}
+    final = str(p.n_layers)
+    pair_sites = [t for t in p.spec.candidates if t[0] == final and t[1] in PAIR]
+    test_lp: dict[int | None, dict[str, np.ndarray]] = {sample: {} for sample in evals}  # the pair's tuned log-probs
+    tuned: dict[int | None, dict[str, ki.Scores]] = {sample: {} for sample in evals}
     for t in p.spec.candidates:
         index, kind = ki.candidate_index(store, p.store_units, t, opts.index, log)
-        queries = kn.vectors_of(kn.read_table(store, p.eval_units, kn.query_table(t)), "query")
-        s = ki.score(index, values, queries, targets, lm_lp, tune, k=opts.k, lam=opts.lam,
-                     temperature=opts.temperature, lambdas=opts.lambdas,
-                     temperature_scales=opts.temperature_scales, index_kind=kind)
-        del index, queries
-        if t[0] == str(p.n_layers) and t[1] in ("resid_mid", "block") and s.test_logprob is not None:
-            test_lp[t[1]] = s.test_logprob
-        out.candidates.append({
-            **base, "layer": t[0], "site": t[1], "key": f"{t[1]}@{t[0]}", "final_block": t[0] == str(p.n_layers),
-            "dispersion": disp.get(t), "within": within_mean.get(t), "n_chunks": n_max,
-            "datastore": s.n_store, "index": s.index, "k": s.k, "tune_tokens": s.n_tune, "test_tokens": s.n_test,
-            "base_ppl": s.base_ppl, "knn_ppl": s.knn_ppl, "improvement": s.base_ppl - s.knn_ppl,
-            "improvement_pct": 100.0 * (1.0 - s.knn_ppl / s.base_ppl),
-            "tuned_lambda": s.tuned_lambda, "tuned_temperature": s.tuned_temperature, "tuned_ppl": s.tuned_ppl,
-            "tuned_improvement": s.base_ppl - s.tuned_ppl,
-            "tuned_improvement_pct": 100.0 * (1.0 - s.tuned_ppl / s.base_ppl),
-            "nn_distance": s.nn_distance, "seconds": s.seconds})
-        log(f"knnlm: {mr.model} {t[1]}@{t[0]}: ppl {s.base_ppl:.2f} -> {s.knn_ppl:.2f} "
-            f"(tuned {s.tuned_ppl:.2f}, lambda {s.tuned_lambda:g}) over {s.n_store} keys in {s.seconds:.1f}s")
-    out.verdict = verdict(base, out.candidates, str(p.n_layers))
-    windows = np.asarray(toks.column("window").to_numpy(), np.int64)[~tune]  # (test tokens,)
-    out.verdict.update(pair_interval(test_lp, windows, boot or BootstrapSpec()))
+        for sample, ev in evals.items():
+            if sample is not None and t not in pair_sites:
+                continue  # a further evaluation sample scores the pair only
+            queries = kn.vectors_of(kn.read_table(store, p.evals[sample], kn.query_table(t)), "query")
+            s = ki.score(index, values, queries, ev.targets, ev.lm_logprob, ev.tune, k=opts.k, lam=opts.lam,
+                         temperature=opts.temperature, lambdas=opts.lambdas,
+                         temperature_scales=opts.temperature_scales, index_kind=kind)
+            del queries
+            if t in pair_sites and s.test_logprob is not None:
+                test_lp[sample][t[1]], tuned[sample][t[1]] = s.test_logprob, s
+            if sample is not None:
+                log(f"knnlm: {mr.model} {t[1]}@{t[0]}, evaluation sample {sample}: ppl {s.base_ppl:.2f} -> tuned "
+                    f"{s.tuned_ppl:.2f}")
+                continue
+            out.candidates.append({
+                **base, "layer": t[0], "site": t[1], "key": f"{t[1]}@{t[0]}", "final_block": t[0] == final,
+                "dispersion": disp.get(t), "within": within_mean.get(t), "n_chunks": n_max,
+                "datastore": s.n_store, "index": s.index, "k": s.k, "tune_tokens": s.n_tune,
+                "test_tokens": s.n_test, "base_ppl": s.base_ppl, "knn_ppl": s.knn_ppl,
+                "improvement": s.base_ppl - s.knn_ppl, "improvement_pct": 100.0 * (1.0 - s.knn_ppl / s.base_ppl),
+                "tuned_lambda": s.tuned_lambda, "tuned_temperature": s.tuned_temperature, "tuned_ppl": s.tuned_ppl,
+                "tuned_improvement": s.base_ppl - s.tuned_ppl,
+                "tuned_improvement_pct": 100.0 * (1.0 - s.tuned_ppl / s.base_ppl),
+                "nn_distance": s.nn_distance, "seconds": s.seconds})
+            log(f"knnlm: {mr.model} {t[1]}@{t[0]}: ppl {s.base_ppl:.2f} -> {s.knn_ppl:.2f} "
+                f"(tuned {s.tuned_ppl:.2f}, lambda {s.tuned_lambda:g}) over {s.n_store} keys in {s.seconds:.1f}s")
+        del index
+    out.verdict = verdict(base, out.candidates, final)
+    boot = boot or BootstrapSpec()
+    seeds = opts.evaluation_seeds
+    for sample in evals:
+        if len(tuned[sample]) == len(PAIR):
+            att, ffn = (tuned[sample][site] for site in PAIR)
+            out.pairs.append({**base, "eval_seed": seeds[0] if sample is None else sample, "primary": sample is None,
+                              "base_ppl": att.base_ppl, "att_tuned_ppl": att.tuned_ppl,
+                              "ffn_tuned_ppl": ffn.tuned_ppl, "att_lambda": att.tuned_lambda,
+                              "att_temperature": att.tuned_temperature, "ffn_lambda": ffn.tuned_lambda,
+                              "ffn_temperature": ffn.tuned_temperature,
+                              **pair_interval(test_lp[sample], evals[sample].test_windows, boot)})
+    # pooled over the samples: each sample's test tokens at its own tuned (λ, T), its windows kept apart
+    offset = 1 + max((int(ev.test_windows.max(initial=0)) for ev in evals.values()), default=0)
+    pooled = {site: np.concatenate([test_lp[sample][site] for sample in evals]) for site in PAIR
+              if all(site in test_lp[sample] for sample in evals)}
+    groups = np.concatenate([ev.test_windows + i * offset for i, ev in enumerate(evals.values())])
+    out.verdict.update(pair_interval(pooled, groups, boot), pair_samples=len(evals) if len(pooled) == 2 else None)
     return out
+
+
+PAIR = ("resid_mid", "block")  # the paper's pair of the final block: h_att, h_ffn
+
+
+@dataclass
+class EvalTokens:
+    """The kNN-LM's evaluated tokens of one evaluation sample (T tokens)."""
+
+    targets: np.ndarray       # int64 (T,) x_{t+1}
+    lm_logprob: np.ndarray    # float64 (T,) log p_LM(x_{t+1} | x_<=t)
+    tune: np.ndarray          # bool (T,): the tune half (else test)
+    test_windows: np.ndarray  # int64 (test tokens,): the window of each test token
+
+
+def evaluated_tokens(store: Store, units: Sequence[KnnUnit]) -> EvalTokens:
+    from dispersion.measure import knnlm as kn
+
+    toks = kn.read_table(store, units, "tokens")
+    tune = np.asarray([h == "tune" for h in toks.column("half").to_pylist()])
+    return EvalTokens(np.asarray(toks.column("target").to_numpy(), np.int64),
+                      np.asarray(toks.column("lm_logprob").to_numpy(), np.float64), tune,
+                      np.asarray(toks.column("window").to_numpy(), np.int64)[~tune])
 
 
 def pair_interval(test_lp: dict[str, np.ndarray], windows: np.ndarray, boot: BootstrapSpec) -> dict:
@@ -485,11 +559,21 @@ VERDICT_SCHEMA = pa.schema([
     # the pair at each key's tuned (λ, T): ppl(block) - ppl(resid_mid), bootstrap over evaluation windows
     ("pair_ppl_diff", pa.float64()), ("pair_ci_low", pa.float64()), ("pair_ci_high", pa.float64()),
     ("pair_p", pa.float64()), ("pair_windows", pa.int64()), ("pair_tokens", pa.int64()), ("pair_n_boot", pa.int64()),
+    ("pair_samples", pa.int64()),  # evaluation samples pooled (``eval_seeds``)
+])
+
+PAIR_SCHEMA = pa.schema([  # the final-block pair on each evaluation sample, each key at its tuned (λ, T)
+    ("model", pa.string()), ("revision", pa.string()), ("eval_seed", pa.int64()), ("primary", pa.bool_()),
+    ("base_ppl", pa.float64()), ("att_tuned_ppl", pa.float64()), ("ffn_tuned_ppl", pa.float64()),
+    ("att_lambda", pa.float64()), ("att_temperature", pa.float64()), ("ffn_lambda", pa.float64()),
+    ("ffn_temperature", pa.float64()),
+    ("pair_ppl_diff", pa.float64()), ("pair_ci_low", pa.float64()), ("pair_ci_high", pa.float64()),
+    ("pair_p", pa.float64()), ("pair_windows", pa.int64()), ("pair_tokens", pa.int64()), ("pair_n_boot", pa.int64()),
 ])
 
 
 def tables_of(results: Sequence[Measured]) -> dict[str, pa.Table]:
-    """The step's four tables from the measured model@revisions."""
+    """The step's five tables from the measured model@revisions."""
     def table(rows: list[dict]) -> pa.Table:
         if not rows:
             raise DataError("knnlm: nothing was measured")
@@ -498,6 +582,7 @@ def tables_of(results: Sequence[Measured]) -> dict[str, pa.Table]:
     return {"knnlm_table1": table([r for m in results for r in m.table1]),
             "knnlm_candidates": table([r for m in results for r in m.candidates]),
             "knnlm_verdict": pa.Table.from_pylist([m.verdict for m in results], schema=VERDICT_SCHEMA),
+            "knnlm_pair": pa.Table.from_pylist([r for m in results for r in m.pairs], schema=PAIR_SCHEMA),
             "knnlm_chunks": table([r for m in results for r in m.chunks])}
 
 
@@ -577,7 +662,16 @@ def summary_markdown(tables: dict[str, pa.Table], finals: dict[tuple[str, str], 
            "the candidates; att = `resid_mid`, ffn = `block` of the final block):", "",
            md_table(v, ["model", "revision", "candidates", "rho", "p", "tuned_rho", "most_dispersed", "best",
                         "best_tuned", "most_dispersed_is_best", "att_more_dispersed", "att_better"]),
-           "**Candidates**:", "",
+           "**The final-block pair** (`resid_mid` vs `block`, each at its tuned λ and T; diff = perplexity with "
+           "`block` minus with `resid_mid`, > 0: `resid_mid` is the better key; interval: bootstrap over the test "
+           "windows), on each evaluation sample:", "",
+           md_table(tables["knnlm_pair"], ["model", "revision", "eval_seed", "base_ppl", "att_tuned_ppl",
+                                           "ffn_tuned_ppl", "pair_ppl_diff", "pair_ci_low", "pair_ci_high",
+                                           "pair_p", "pair_windows", "pair_tokens"]),
+           "and pooled over the samples:", "",
+           md_table(v, ["model", "revision", "pair_samples", "pair_ppl_diff", "pair_ci_low", "pair_ci_high",
+                        "pair_p", "pair_windows", "pair_tokens"]),
+           "**Candidates** (the first evaluation sample):", "",
            md_table(c, ["model", "key", "dispersion", "within", "base_ppl", "knn_ppl", "improvement_pct",
                         "tuned_lambda", "tuned_ppl", "tuned_improvement_pct"], limit=200)]
     ns = sorted({r["n_chunks"] for r in t1})
@@ -610,5 +704,5 @@ def run(ctx: StepContext) -> Section:
 
 STEP = Step(name="knnlm", title="Layer selection for kNN-LM: dispersion vs a real kNN-LM",
             paper="001 Sec. 3.3, Table 1, B.3, Fig. 34",
-            tables=("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_chunks"),
+            tables=("knnlm_table1", "knnlm_candidates", "knnlm_verdict", "knnlm_pair", "knnlm_chunks"),
             run=run, options=KnnlmOptions, default=KnnlmOptions, plan=plan_step, unit_name="windows")

@@ -78,8 +78,9 @@ def measures(trajectory: pa.Table, gap: pa.Table | None = None) -> list[dict]:
 
 
 def spearman_over_trajectory(rows: list[dict], scores: pa.Table) -> pa.Table:
-    """Spearman rho (scipy) of each measure against each task's score, per (model, dataset)."""
-    from scipy import stats
+    """Spearman rho of each measure against each task's score, per (model, dataset)
+    (:func:`dispersion.measure.binning.correlations`: the exact p over a few checkpoints)."""
+    from dispersion.measure.binning import correlations
 
     score = {(s["model"], s["revision"], s["task"]): s["score"] for s in scores.to_pylist()}
     tasks = sorted({s["task"] for s in scores.to_pylist()})
@@ -94,9 +95,10 @@ def spearman_over_trajectory(rows: list[dict], scores: pa.Table) -> pa.Table:
                          and np.isfinite(r[name])]
                 if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
                     continue
-                res = stats.spearmanr(*zip(*pairs))
+                c = correlations(*zip(*pairs))
                 out.append({"model": model, "dataset": ds, "measure": name, "task": task,
-                            "n_checkpoints": len(pairs), "spearman_r": float(res[0]), "spearman_p": float(res[1])})
+                            "n_checkpoints": len(pairs), "spearman_r": float(c["spearman_r"]),
+                            "spearman_p": float(c["spearman_p"])})
     return pa.Table.from_pylist(out, schema=SPEARMAN_SCHEMA)
 
 

@@ -278,6 +278,10 @@ class ExtractionSpec(Strict):
     final-norm output that feeds the LM head (``h_n`` of paper 001 Sec. 2.1), ``all`` means
     0..n and final. Sites: ``block`` (residual stream), ``attn`` / ``mlp`` (the sub-layer
     outputs of block ``l`` before they are added to the residual stream).
+
+    ``fused_head``: the LM head and the NLL's log-sum-exp as one compiled kernel
+    (:mod:`dispersion.measure.head`): ``auto`` for bfloat16 / float16 models over at least
+    ``BREAK_EVEN_TOKENS`` tokens per model, ``on`` always, ``off`` never.
     """
 
     layers: list[LayerRef] = ["final"]
@@ -288,6 +292,7 @@ class ExtractionSpec(Strict):
     context_lengths: list[Annotated[int, Field(ge=1)]] = []
     batch_size: Annotated[int, Field(gt=0)] = 16
     nll_chunk_tokens: Annotated[int, Field(gt=0)] = 2048
+    fused_head: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
 
     @field_validator("layers", "sites", "pools")
@@ -298,8 +303,9 @@ class ExtractionSpec(Strict):
         return v
 
     def key(self, dtype: str) -> str:
-        """Hash of every field that changes the numbers (not batch size or device)."""
-        payload = self.model_dump(exclude={"batch_size", "device", "nll_chunk_tokens"})
+        """Hash of every field that changes the numbers (not batch size, device or how the head
+        is computed: those change only float rounding)."""
+        payload = self.model_dump(exclude={"batch_size", "device", "nll_chunk_tokens", "fused_head"})
         payload["dtype"] = dtype
         return digest(payload)
 

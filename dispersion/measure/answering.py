@@ -54,20 +54,11 @@ class ClozeAnswers(Measured):
 
 
 def _token_logprob(lm_head, softcap: float | None, hidden, ids):
-    """log p(ids[i] | state hidden[i]) for rows of ``hidden`` [M, d], ``ids`` [M]; logits in
-    chunks of at most :data:`dispersion.measure.extract.LOGIT_BUDGET` values."""
-    import torch
+    """log p(ids[i] | state hidden[i]) for rows of ``hidden`` [M, d], ``ids`` [M]
+    (:class:`dispersion.measure.head.Head`)."""
+    from dispersion.measure.head import Head
 
-    from dispersion.measure.extract import LOGIT_BUDGET
-
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = max(1, LOGIT_BUDGET // lm_head.weight.shape[0])
-    for s in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[s:s + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        out[s:s + chunk] = logits.gather(1, ids[s:s + chunk, None]).squeeze(1) - torch.logsumexp(logits, -1)
-    return out
+    return -Head(lm_head, softcap=softcap).nll(hidden, ids)
 
 
 def _cache_argument(base) -> str:

@@ -412,9 +412,12 @@ def measure_map(model, inputs: tuple) -> pa.Table:
 
 
 def depth_correlation(cmap: CondensationMap) -> dict[str, float]:
-    """Spearman's rho and Kendall's tau (scipy, with p-values) of the layer mean similarity
-    against depth, over the map's layers. NaN when the means are constant; needs 3 layers."""
+    """Spearman's rho and Kendall's tau (scipy, with p-values; Spearman's exact up to
+    ``EXACT_MAX`` layers) of the layer mean similarity against depth, over the map's layers.
+    NaN when the means are constant; needs 3 layers."""
     from scipy import stats
+
+    from dispersion.measure.binning import EXACT_MAX, spearman_exact_p
 
     if len(cmap.layers) < 3:
         raise DataError(f"{FIELD}.layers: the depth correlation needs at least 3 layers, "
@@ -425,6 +428,8 @@ def depth_correlation(cmap: CondensationMap) -> dict[str, float]:
         warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN
         rho, rho_p = stats.spearmanr(depth, mean)
         tau, tau_p = stats.kendalltau(depth, mean)
+    if np.isfinite(rho) and depth.size <= EXACT_MAX:  # the t approximation fails over a few layers
+        rho_p = spearman_exact_p(depth, mean)
     return {"n_layers": len(cmap.layers), "spearman_r": float(rho), "spearman_p": float(rho_p),
             "kendall_tau": float(tau), "kendall_p": float(tau_p)}
 

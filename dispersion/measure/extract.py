@@ -28,9 +28,9 @@ Kept positions exclude the BOS position and then the first ``skip_first`` segmen
 (their outlier activations, "attention sinks", skew cosine geometry). The perplexity
 always covers the whole segment.
 
-Token NLL is computed in chunks of at most ``nll_chunk_tokens`` rows through the LM head,
-and at most ``LOGIT_BUDGET`` fp32 logits at once, so memory never grows as batch x sequence x
-vocabulary.
+Token NLL is computed in chunks of at most ``nll_chunk_tokens`` rows through the LM head
+(:class:`dispersion.measure.head.Head`, fused with ``extraction.fused_head``), and at most
+``LOGIT_BUDGET`` fp32 logits at once, so memory never grows as batch x sequence x vocabulary.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from dispersion.measure.capture import (
     resolve_bos,
     targets,
 )
+from dispersion.measure.head import Head
 
-__all__ = ["LOGIT_BUDGET", "Extracted", "Extractor", "layer_names", "targets", "within_segment"]
+__all__ = ["Extracted", "Extractor", "layer_names", "targets", "within_segment"]
 
-LOGIT_BUDGET = 2**26  # fp32 logits held at once (256 MiB): caps the NLL chunk for large vocabularies
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Extractor:
                  sites: Sequence[str] = ("block",), pools: Sequence[str] = ("last", "mean"),
                  prepend_bos: bool = True, bos_token_id: int | None = None, skip_first: int = 0,
                  context_lengths: Sequence[int] = (), batch_size: int = 16,
-                 nll_chunk_tokens: int = 2048, pad_token_id: int = 0):
+                 nll_chunk_tokens: int = 2048, pad_token_id: int = 0, fused_head: bool = False):
         from dispersion.measure.modeling import num_layers, text_config
 
         self.model = model
@@ -124,6 +124,7 @@ class Extractor:
         self.base = model.base_model
         self.lm_head = model.get_output_embeddings()  # type: ignore[operator]  # torch types Module.__getattr__
         self.softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
+        self.head = Head(self.lm_head, chunk=nll_chunk_tokens, softcap=self.softcap, fused=fused_head)
         self._capture = Capture(model, self.targets, self._reduce)  # runs to the end: NLL needs `final`
         self._state: dict = {}
 
@@ -149,17 +150,8 @@ class Extractor:
     # -- NLL -----------------------------------------------------------------------------
     def _token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """NLL of token t+1 from state t, for positions where ``scored`` [B, T-1] is true."""
-        rows, cols = scored.nonzero(as_tuple=True)
-        targets_ = input_ids[rows, cols + 1]
-        nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-        vocab = self.lm_head.weight.shape[0]
-        chunk = max(1, min(self.nll_chunk_tokens, LOGIT_BUDGET // vocab))
-        for s in range(0, rows.numel(), chunk):
-            e = min(s + chunk, rows.numel())
-            logits = self.lm_head(hidden[rows[s:e], cols[s:e]]).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            nll[s:e] = torch.logsumexp(logits, -1) - logits.gather(1, targets_[s:e, None]).squeeze(1)
+        rows, cols = scored.nonzero(as_tuple=True)                 # (N,), (N,): the scored positions
+        nll = self.head.nll(hidden[rows, cols], input_ids[rows, cols + 1])  # (N, d), (N,) -> (N,)
         full = torch.full(scored.shape, float("nan"), dtype=torch.float32, device=hidden.device)
         full[rows, cols] = nll
         return full
@@ -254,7 +246,11 @@ class Extractor:
         _check_finite(feats, vecs)
         vectors = {k: v.astype(np.float16) for k, v in vecs.items()}
         norms = {k: np.linalg.norm(v, axis=1).astype(np.float32) for k, v in vecs.items()}
-        return Extracted(feats, vectors, norms, within, {"forward_s": time.perf_counter() - t0})
+        timings = {"forward_s": time.perf_counter() - t0}
+        if self.head.compile_s is not None:
+            timings["compile_s"] = self.head.compile_s  # the fused head's compile, inside forward_s
+            self.head.compile_s = None  # reported once
+        return Extracted(feats, vectors, norms, within, timings)
 
 
 def _check_finite(feats: dict[str, np.ndarray], vecs: dict) -> None:

@@ -193,7 +193,7 @@ def forward_windows(model, ids: np.ndarray, *, candidates: Sequence[Target], tab
     import torch
 
     from dispersion.measure.capture import Capture, targets
-    from dispersion.measure.extract import LOGIT_BUDGET
+    from dispersion.measure.head import Head
     from dispersion.measure.modeling import text_config
 
     ids = np.asarray(ids, dtype=np.int64)
@@ -210,8 +210,8 @@ def forward_windows(model, ids: np.ndarray, *, candidates: Sequence[Target], tab
     bos = -1 if bos_token_id is None else int(bos_token_id)
     off = int(bos_token_id is not None)
     device = next(model.parameters()).device
-    lm_head = model.get_output_embeddings() if lm else None
-    softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    head = Head(model.get_output_embeddings(), softcap=getattr(text_config(model.config), "final_logit_softcapping",
+                                                                None)) if lm else None
     rows_w, rows_p, rows_y, rows_lp = [], [], [], []
     states: dict[Target, list[np.ndarray]] = {t: [] for t in cand}
     last: dict[Target, np.ndarray] = {}
@@ -249,18 +249,11 @@ def forward_windows(model, ids: np.ndarray, *, candidates: Sequence[Target], tab
             rows_p.append(np.tile(np.arange(1, L, dtype=np.int32), len(kept)))  # [kept * (L-1)]: t = 1..L-1
             rows_y.append(ids[kept, 1:].reshape(-1).astype(np.int32))          # [kept, L-1] -> [kept * (L-1)]
             if lm:
-                assert hidden is not None and lm_head is not None and nll_sum is not None
+                assert hidden is not None and head is not None and nll_sum is not None
                 h = hidden[:, off:off + L - 1]                      # [B, L-1, d] predicts x_2..x_L
                 y = x[:, off + 1:off + L]                           # [B, L-1]
                 flat_h, flat_y = h.reshape(-1, h.shape[-1]), y.reshape(-1)  # [B*(L-1), d], [B*(L-1)]
-                lp = torch.empty(flat_y.numel(), dtype=torch.float32, device=device)
-                chunk = max(1, LOGIT_BUDGET // lm_head.weight.shape[0])
-                for s in range(0, flat_y.numel(), chunk):
-                    logits = lm_head(flat_h[s:s + chunk]).float()
-                    if softcap:
-                        logits = torch.tanh(logits / softcap) * softcap
-                    lp[s:s + chunk] = logits.gather(1, flat_y[s:s + chunk, None]).squeeze(1) - \
-                        torch.logsumexp(logits, -1)
+                lp = -head.nll(flat_h, flat_y)                      # [B*(L-1)]
                 lp_w = lp.reshape(hi - lo, L - 1)                   # [B*(L-1)] -> [B, L-1]
                 nll_sum[lo:hi] = (-lp_w.double().sum(1)).cpu().numpy()
                 # [kept, L-1] -> [kept * (L-1)], in the order of rows_w / rows_p

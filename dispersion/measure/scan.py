@@ -91,6 +91,7 @@ class WorkUnit:
     dtype: str  # resolved dtype, part of spec_key
     extraction: ExtractionSpec | None = field(default=None, compare=False)  # what spec_key hashes
     flops_per_segment: float = field(default=0.0, compare=False)  # forward FLOPs of one segment (progress)
+    fused_head: bool = field(default=False, compare=False)  # the model's head compiled (extraction.fused_head)
 
     @property
     def n_rows(self) -> int:
@@ -116,7 +117,7 @@ class WorkUnit:
     def load(self):
         if self.extraction is None:
             raise ValueError(f"{self.describe()}: planned without its extraction spec")
-        return load_extractor(self.mr, self.extraction, self.dtype)
+        return load_extractor(self.mr, self.extraction, self.dtype, fused_head=self.fused_head)
 
     def run(self, store: Store, loaded, progress: Callable[[int], None] | None = None) -> dict:
         return run_unit(self, loaded, store, progress=progress)
@@ -344,6 +345,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     weights (present, in safetensors), every tokenizer, and every missing sample drawn.
     ``sample=False`` (``report``, ``analyze``) reuses the published samples only, refuses a
     root without them and skips the weight check: nothing is extracted then."""
+    from dispersion.measure.head import use_fused
     from dispersion.measure.modeling import check_weights, resolve_device, resolve_dtype
 
     device = resolve_device(config.extraction.device)
@@ -378,6 +380,10 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         n = mr.num_segments or config.sampling.num_segments
         dtype = resolve_dtype(mr.dtype, device, warn=warned.add)
         spec_key = config.extraction.key(dtype)
+        tokens = n * config.sampling.segment_length * len(config.sampling.all_seeds)
+        fused, why = use_fused(config.extraction.fused_head, dtype, tokens)
+        if why:
+            warned.add(why)
         for seed in config.sampling.all_seeds:  # one independent sample per seed
             if (fp, n, seed) not in seg_cache:
                 seeded = config.model_copy(update={"sampling": config.sampling.model_copy(update={"seed": seed})})
@@ -385,7 +391,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
                                                             defer=publish, sample=sample)
             for seg in seg_cache[(fp, n, seed)].values():
                 units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction,
-                                      flops[mr.field] * config.sampling.segment_length)
+                                      flops[mr.field] * config.sampling.segment_length, fused)
                              for k in range(len(seg.shard_rows)))
     for line in sorted(warned):
         log(line)
@@ -398,7 +404,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
 
 # -- execution --------------------------------------------------------------------------------
 
-def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str):
+def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str, fused_head: bool = False):
     """Load model and tokenizer once; the returned Extractor serves all of its units."""
     from dispersion.measure.capture import bos_or_eos, resolve_bos
     from dispersion.measure.extract import Extractor
@@ -411,7 +417,7 @@ def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str):
     return Extractor(model, layers=spec.layers, sites=spec.sites, pools=spec.pools,
                      prepend_bos=spec.prepend_bos, bos_token_id=bos, skip_first=spec.skip_first,
                      context_lengths=spec.context_lengths, batch_size=spec.batch_size,
-                     nll_chunk_tokens=spec.nll_chunk_tokens, pad_token_id=pad)
+                     nll_chunk_tokens=spec.nll_chunk_tokens, pad_token_id=pad, fused_head=fused_head)
 
 
 def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], None] | None = None) -> dict:
@@ -439,6 +445,7 @@ def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], 
               CHECKSUMS: sums,
               "unit": unit.describe(),
               "seconds": round(time.perf_counter() - t0, 3), "forward_s": round(out.timings["forward_s"], 3),
+              **({"compile_s": round(out.timings["compile_s"], 3)} if "compile_s" in out.timings else {}),
               "host": platform.node(), "version": __version__}
     store.write_json(unit.marker_rel, marker)
     return marker
@@ -479,7 +486,7 @@ def write_manifest(config: ScanConfig, store: Store, units: list[WorkUnit], stat
         "config": config.model_dump(), "version": __version__, "python": platform.python_version(),
         "units": [{"unit": u.describe(), "key": u.key, "features": u.features_rel} for u in units],
         "stats": {k: v for k, v in asdict(stats).items() if k != "markers"},
-        "timings": [{"unit": m["unit"], "seconds": m["seconds"], "forward_s": m["forward_s"]} for m in stats.markers],
+        "timings": [{k: m[k] for k in ("unit", "seconds", "forward_s", "compile_s") if k in m} for m in stats.markers],
     })
     return run_id
 
