@@ -26,6 +26,10 @@ On CUDA the throughput shapes are named presets (``--shapes``, default ``llama-d
 * ``llama-3.2-1b``: Llama-3.2-1B's config (d 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192,
   vocab 128256, tied head), randomly initialised.
 
+On CUDA ours also runs with the fused head and compiled blocks (``extraction.fused_head`` and
+``extraction.compile`` on, a copy of the model compiled in its warm-up); the CPU's comparison of
+compiled and eager blocks is bench/bench_compile.py.
+
 Each shape runs 1024 segments of 512 tokens (256 with --quick) through ours and through the
 field's two-pass pattern (a batched full-logit fp32 log-softmax loss pass, as
 lm-evaluation-harness' HFLM computes log-likelihoods, then a batched
@@ -38,6 +42,7 @@ same dtype; (c) also reports the peak allocated GPU memory.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -152,9 +157,11 @@ def two_pass(model, segs, device: str, batch: int) -> dict:
     return {"ppl": torch.cat(ppl).numpy(), "vec": torch.cat(vecs).numpy()}
 
 
-def ours(model, segs, batch: int, layers=("final",)) -> dict:
+def ours(model, segs, batch: int, layers=("final",), compiled: bool = False) -> dict:
+    """Our extractor; ``compiled``: with the fused head and compiled blocks (``extraction.fused_head``
+    and ``extraction.compile`` on; the compile happens in the warm-up call)."""
     ex = Extractor(model, layers=list(layers), pools=["last"], bos_token_id=1, batch_size=batch,
-                   nll_chunk_tokens=1024)
+                   nll_chunk_tokens=1024, fused_head=compiled, compile_blocks=compiled)
     out = ex.extract(segs)
     return {"ppl": out.features["ppl"], "vec": out.vectors[("final", "block", "last")].astype(np.float32)}
 
@@ -232,10 +239,16 @@ def main() -> None:
         fpt = flops_per_token(model, T + 1)
         n_naive = min(n, args.naive_n)
         ours(model, segs[:batch], batch)  # warm-up
+        cuda = dev.startswith("cuda")
+        compiled = copy.deepcopy(model) if cuda else None  # compiled in place: a copy of its own
+        if compiled is not None:
+            ours(compiled, segs[:batch], batch, compiled=True)  # the compile
         two_pass(model, segs[:batch], dev, batch)
         naive(model, segs[:2], dev)
         results = []
         methods = (("ours (batched, hooks, chunked NLL)", ours, (model, segs, batch), n),
+                   *((("ours, fused head + compiled blocks", ours, (compiled, segs, batch, ("final",), True), n),)
+                     if cuda else ()),
                    ("two-pass (loss pass + hidden-states pass)", two_pass, (model, segs, dev, batch), n),
                    ("naive (per segment, all hidden states)", naive, (model, segs[:n_naive], dev), n_naive))
         for label, fn, fn_args, k in methods:
@@ -252,9 +265,10 @@ def main() -> None:
                   f"{k * T / sec:,.0f} | {fl / 1e12:.2f} | {fl / peak:.2f} | {diff:.1e} |")
         rate = {label: k / sec for label, sec, k, _ in results}
         labels = [r[0] for r in results]
-        print(f"\n{name}: ours / two-pass {rate[labels[0]] / rate[labels[1]]:.2f}x, "
-              f"ours / per-segment loop {rate[labels[0]] / rate[labels[2]]:.1f}x (segments/s)\n")
-        del model, results, methods
+        print(f"\n{name}: ours / two-pass {rate[labels[0]] / rate[labels[-2]]:.2f}x, "
+              f"ours / per-segment loop {rate[labels[0]] / rate[labels[-1]]:.1f}x (segments/s)"
+              + (f"; compiled / eager {rate[labels[1]] / rate[labels[0]]:.2f}x" if cuda else "") + "\n")
+        del model, compiled, results, methods
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
     if args.no_memory:

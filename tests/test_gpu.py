@@ -121,12 +121,14 @@ def _hf_reference(model, segs, layers, skip):
     return ref, {k: np.stack(v) for k, v in vec.items()}, {k: np.asarray(v) for k, v in within.items()}
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_extraction_on_cuda_matches_cpu_fp32(arch, dtype):
-    """Extractor on CUDA (bf16 or fp32 weights, batched, padded, hooks, chunked NLL) vs a plain
-    per-segment transformers forward on the CPU in fp32; the CPU Extractor is checked against the
-    same reference (tight), and dispersion metrics of the pooled states agree."""
+def test_extraction_on_cuda_matches_cpu_fp32(arch, dtype, compiled):
+    """Extractor on CUDA (bf16 or fp32 weights, batched, padded, hooks, chunked NLL; eager or
+    compiled blocks, ``extraction.compile``) vs a plain per-segment transformers forward on the
+    CPU in fp32; the CPU Extractor is checked against the same reference (tight), and dispersion
+    metrics of the pooled states agree."""
     cpu_model = _model(arch)
     segs = _segments()
     layers, skip = ["1", "2", "final"], 2
@@ -135,9 +137,10 @@ def test_extraction_on_cuda_matches_cpu_fp32(arch, dtype):
     ref, ref_vec, ref_within = _hf_reference(cpu_model, segs, layers, skip)
     cpu = Extractor(cpu_model, **kw).extract(segs)
     gpu_model = copy.deepcopy(cpu_model).to(device=DEVICE, dtype=getattr(torch, dtype))
-    ex = Extractor(gpu_model, **kw)
+    ex = Extractor(gpu_model, compile_blocks=compiled, **kw)
     assert ex.device.type == torch.device(DEVICE).type
     gpu = ex.extract(segs)
+    assert ex.compile_note is None  # a compile that failed would have fallen back to eager
 
     bf16 = dtype == "bfloat16"
     tol = dict(ppl=1e-2 if bf16 else 1e-4, nll=5e-2 if bf16 else 1e-4, vec=3e-2 if bf16 else 2e-3,

@@ -282,6 +282,11 @@ class ExtractionSpec(Strict):
     ``fused_head``: the LM head and the NLL's log-sum-exp as one compiled kernel
     (:mod:`dispersion.measure.head`): ``auto`` for bfloat16 / float16 models over at least
     ``BREAK_EVEN_TOKENS`` tokens per model, ``on`` always, ``off`` never.
+
+    ``compile``: the decoder blocks' sub-layers through ``torch.compile``
+    (:mod:`dispersion.measure.compiled`): ``auto`` for a model whose scan reaches
+    ``BREAK_EVEN_FLOPS`` forward FLOPs, ``on`` always, ``off`` never. Neither setting changes
+    the spec key: both change only float rounding.
     """
 
     layers: list[LayerRef] = ["final"]
@@ -293,6 +298,7 @@ class ExtractionSpec(Strict):
     batch_size: Annotated[int, Field(gt=0)] = 16
     nll_chunk_tokens: Annotated[int, Field(gt=0)] = 2048
     fused_head: Literal["auto", "on", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
 
     @field_validator("layers", "sites", "pools")
@@ -305,7 +311,7 @@ class ExtractionSpec(Strict):
     def key(self, dtype: str) -> str:
         """Hash of every field that changes the numbers (not batch size, device or how the head
         is computed: those change only float rounding)."""
-        payload = self.model_dump(exclude={"batch_size", "device", "nll_chunk_tokens", "fused_head"})
+        payload = self.model_dump(exclude={"batch_size", "device", "nll_chunk_tokens", "fused_head", "compile"})
         payload["dtype"] = dtype
         return digest(payload)
 

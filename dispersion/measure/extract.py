@@ -35,6 +35,7 @@ Token NLL is computed in chunks of at most ``nll_chunk_tokens`` rows through the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,10 +48,12 @@ from dispersion.core.threads import follow_share
 from dispersion.measure.capture import (
     Capture,
     Target,
+    find_blocks,
     layer_names,
     resolve_bos,
     targets,
 )
+from dispersion.measure.compiled import CompiledBlocks
 from dispersion.measure.head import Head
 
 __all__ = ["Extracted", "Extractor", "layer_names", "targets", "within_segment"]
@@ -104,7 +107,8 @@ class Extractor:
                  sites: Sequence[str] = ("block",), pools: Sequence[str] = ("last", "mean"),
                  prepend_bos: bool = True, bos_token_id: int | None = None, skip_first: int = 0,
                  context_lengths: Sequence[int] = (), batch_size: int = 16,
-                 nll_chunk_tokens: int = 2048, pad_token_id: int = 0, fused_head: bool = False):
+                 nll_chunk_tokens: int = 2048, pad_token_id: int = 0, fused_head: bool = False,
+                 compile_blocks: bool = False):
         from dispersion.measure.modeling import num_layers, text_config
 
         self.model = model
@@ -121,12 +125,17 @@ class Extractor:
         self.batch_size = batch_size
         self.nll_chunk_tokens = nll_chunk_tokens
         self.pad_token_id = pad_token_id
-        self.base = model.base_model
+        self.base: nn.Module = model.base_model  # type: ignore[assignment]  # torch types Module.__getattr__
         self.lm_head = model.get_output_embeddings()  # type: ignore[operator]  # torch types Module.__getattr__
         self.softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
         self.head = Head(self.lm_head, chunk=nll_chunk_tokens, softcap=self.softcap, fused=fused_head)
         self._capture = Capture(model, self.targets, self._reduce)  # runs to the end: NLL needs `final`
         self._state: dict = {}
+        # extraction.compile: the blocks' sub-layers compiled; the compile happens in the first
+        # batch, so its seconds are estimated as the first batch's time minus the second's
+        self.compiled = CompiledBlocks(find_blocks(self.base, self.n_layers)) if compile_blocks else None
+        self.compile_note: str | None = None
+        self._first_batches: list[float] | None = [] if compile_blocks else None
 
     # -- reducer -------------------------------------------------------------------------
     def _reduce(self, target: Target, hidden: torch.Tensor) -> None:
@@ -208,8 +217,6 @@ class Extractor:
 
     def extract(self, token_ids: Sequence[np.ndarray], progress=None) -> Extracted:
         """Extract features for every sequence; batches are sorted by length (longest first)."""
-        import time
-
         n = len(token_ids)
         if n == 0:
             raise ModelError("extract: no segments")
@@ -222,7 +229,7 @@ class Extractor:
             with self._capture:  # hooks on for the whole call
                 for s in range(0, n, self.batch_size):
                     idx = order[s:s + self.batch_size]
-                    res = self._batch([token_ids[i] for i in idx])
+                    res = self._compiled_batch([token_ids[i] for i in idx])
                     out = res.pop("out")
                     for k, v in res.items():
                         dtype = np.float64 if k == "nll_sum" else np.float32
@@ -247,10 +254,38 @@ class Extractor:
         vectors = {k: v.astype(np.float16) for k, v in vecs.items()}
         norms = {k: np.linalg.norm(v, axis=1).astype(np.float32) for k, v in vecs.items()}
         timings = {"forward_s": time.perf_counter() - t0}
-        if self.head.compile_s is not None:
-            timings["compile_s"] = self.head.compile_s  # the fused head's compile, inside forward_s
+        compile_s = [c for c in (self.head.compile_s, self._blocks_compile_s()) if c is not None]
+        if compile_s:
+            timings["compile_s"] = sum(compile_s)  # the head's and the blocks' compile, inside forward_s
             self.head.compile_s = None  # reported once
         return Extracted(feats, vectors, norms, within, timings)
+
+    def _compiled_batch(self, seqs: Sequence[np.ndarray]) -> dict:
+        """One batch; with compiled blocks, timed while the compile is estimated, and run again
+        eagerly if the compiler fails (the eager forwards restored, one warning line)."""
+        if self.compiled is None:
+            return self._batch(seqs)
+        t = time.perf_counter()
+        try:
+            res = self._batch(seqs)
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the compiler fails in many ways; eager is always right
+            self.compile_note = self.compiled.undo(err)
+            self.compiled = self._first_batches = None
+            return self._batch(seqs)
+        if self._first_batches is not None and len(self._first_batches) < 2:
+            self._first_batches.append(time.perf_counter() - t)
+        return res
+
+    def _blocks_compile_s(self) -> float | None:
+        """The blocks' compile seconds, once: first batch minus second (the first alone when the
+        first extraction had one batch)."""
+        first = self._first_batches
+        if not first:
+            return None
+        self._first_batches = None  # reported once
+        return max(0.0, first[0] - first[1]) if len(first) == 2 else first[0]
 
 
 def _check_finite(feats: dict[str, np.ndarray], vecs: dict) -> None:

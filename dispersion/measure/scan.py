@@ -92,6 +92,7 @@ class WorkUnit:
     extraction: ExtractionSpec | None = field(default=None, compare=False)  # what spec_key hashes
     flops_per_segment: float = field(default=0.0, compare=False)  # forward FLOPs of one segment (progress)
     fused_head: bool = field(default=False, compare=False)  # the model's head compiled (extraction.fused_head)
+    compiled: bool = field(default=False, compare=False)  # the model's blocks compiled (extraction.compile)
 
     @property
     def n_rows(self) -> int:
@@ -117,7 +118,8 @@ class WorkUnit:
     def load(self):
         if self.extraction is None:
             raise ValueError(f"{self.describe()}: planned without its extraction spec")
-        return load_extractor(self.mr, self.extraction, self.dtype, fused_head=self.fused_head)
+        return load_extractor(self.mr, self.extraction, self.dtype, fused_head=self.fused_head,
+                              compiled=self.compiled)
 
     def run(self, store: Store, loaded, progress: Callable[[int], None] | None = None) -> dict:
         return run_unit(self, loaded, store, progress=progress)
@@ -345,6 +347,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
     weights (present, in safetensors), every tokenizer, and every missing sample drawn.
     ``sample=False`` (``report``, ``analyze``) reuses the published samples only, refuses a
     root without them and skips the weight check: nothing is extracted then."""
+    from dispersion.measure.compiled import use_compile
     from dispersion.measure.head import use_fused
     from dispersion.measure.modeling import check_weights, resolve_device, resolve_dtype
 
@@ -380,10 +383,10 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         n = mr.num_segments or config.sampling.num_segments
         dtype = resolve_dtype(mr.dtype, device, warn=warned.add)
         spec_key = config.extraction.key(dtype)
-        tokens = n * config.sampling.segment_length * len(config.sampling.all_seeds)
+        tokens = n * config.sampling.segment_length * len(config.sampling.all_seeds) * len(config.datasets)
         fused, why = use_fused(config.extraction.fused_head, dtype, tokens)
-        if why:
-            warned.add(why)
+        compiled, why_not = use_compile(config.extraction.compile, str(device), tokens * flops[mr.field])
+        warned.update(line for line in (why, why_not) if line)
         for seed in config.sampling.all_seeds:  # one independent sample per seed
             if (fp, n, seed) not in seg_cache:
                 seeded = config.model_copy(update={"sampling": config.sampling.model_copy(update={"seed": seed})})
@@ -391,7 +394,7 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
                                                             defer=publish, sample=sample)
             for seg in seg_cache[(fp, n, seed)].values():
                 units.extend(WorkUnit(mr, seg, k, spec_key, dtype, config.extraction,
-                                      flops[mr.field] * config.sampling.segment_length, fused)
+                                      flops[mr.field] * config.sampling.segment_length, fused, compiled)
                              for k in range(len(seg.shard_rows)))
     for line in sorted(warned):
         log(line)
@@ -404,7 +407,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
 
 # -- execution --------------------------------------------------------------------------------
 
-def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str, fused_head: bool = False):
+def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str, fused_head: bool = False,
+                   compiled: bool = False):
     """Load model and tokenizer once; the returned Extractor serves all of its units."""
     from dispersion.measure.capture import bos_or_eos, resolve_bos
     from dispersion.measure.extract import Extractor
@@ -417,7 +421,8 @@ def load_extractor(mr: ModelRevision, spec: ExtractionSpec, dtype: str, fused_he
     return Extractor(model, layers=spec.layers, sites=spec.sites, pools=spec.pools,
                      prepend_bos=spec.prepend_bos, bos_token_id=bos, skip_first=spec.skip_first,
                      context_lengths=spec.context_lengths, batch_size=spec.batch_size,
-                     nll_chunk_tokens=spec.nll_chunk_tokens, pad_token_id=pad, fused_head=fused_head)
+                     nll_chunk_tokens=spec.nll_chunk_tokens, pad_token_id=pad, fused_head=fused_head,
+                     compile_blocks=compiled)
 
 
 def run_unit(unit: WorkUnit, extractor, store: Store, progress: Callable[[int], None] | None = None) -> dict:
