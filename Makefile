@@ -57,11 +57,11 @@ bench: install
 bench-concurrent: install
 	$(PY) bench/bench_concurrent_scans.py
 
-# SmolLM2-135M: our one-pass extractor vs lm-evaluation-harness + a hidden-states pass vs a naive loop
 # the 100k-segment load test (issue 22): the scan-models flow on local Ray, then catalog queries
 bench-scale: install
 	$(PY) bench/bench_100k.py --config configs/scale-100k.yaml
 
+# SmolLM2-135M: our one-pass extractor vs lm-evaluation-harness + a hidden-states pass vs a naive loop
 bench-real: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_real_model.py
