@@ -52,19 +52,30 @@ def segments(tok, n: int, T: int) -> list[np.ndarray]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--per-domain", type=int, default=64)
+def smollm2_args(doc: str, per_domain: int) -> argparse.ArgumentParser:
+    """The options of a SmolLM2 CPU bench (this one and bench_compile.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--per-domain", type=int, default=per_domain)
     p.add_argument("--T", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--model-cache", default=".cache/models")
-    args = p.parse_args()
+    return p
+
+
+def smollm2_segments(args: argparse.Namespace):
+    """Every CPU thread for torch, the packaged SmolLM2 (converted into ``--model-cache`` on first
+    use) and ``--per-domain`` segments of ``--T`` tokens per domain: ``(model revision, segments)``."""
     torch.set_num_threads(cpus())
     cfg = ScanConfig(models=[ModelSpec(name="smollm2", packaged="smollm2-135m")],
                      datasets=[DatasetSpec(name="prose", embedded="prose")], model_cache=args.model_cache)
     [mr] = model_revisions(cfg, log=print)
-    segs = segments(load_tokenizer(mr.source), args.per_domain, args.T)
+    return mr, segments(load_tokenizer(mr.source), args.per_domain, args.T)
+
+
+def main() -> None:
+    args = smollm2_args(__doc__, per_domain=64).parse_args()
+    mr, segs = smollm2_segments(args)
     tokens = sum(len(s) for s in segs)
     print(f"torch {torch.__version__}, {cpus()} threads, CPU bf16 (avx512_bf16 / AMX): {cpu_bf16()}, "
           f"load average {os.getloadavg()[0]:.2f} at start; {len(segs)} segments x {args.T} tokens, "

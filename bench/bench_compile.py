@@ -15,7 +15,6 @@ Usage: python bench/bench_compile.py [--per-domain 32] [--T 256] [--batch 16] [-
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -28,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bf16 import segments  # noqa: E402
+from bench_bf16 import smollm2_args, smollm2_segments  # noqa: E402
 from bench_real_model import cpus  # noqa: E402
 
-from dispersion.core.config import DatasetSpec, ExtractionSpec, ModelSpec, ScanConfig  # noqa: E402
+from dispersion.core.config import ExtractionSpec  # noqa: E402
 from dispersion.measure.extract import Extractor  # noqa: E402
-from dispersion.measure.modeling import load_model, load_tokenizer, resolve_source  # noqa: E402
-from dispersion.measure.scan import load_extractor, model_revisions  # noqa: E402
+from dispersion.measure.modeling import load_model, resolve_source  # noqa: E402
+from dispersion.measure.scan import load_extractor  # noqa: E402
 
 
 def timed(make, segs: list[np.ndarray], reps: int) -> tuple[float, dict, float | None]:
@@ -64,19 +63,10 @@ def compare(label: str, make_eager, make_compiled, segs: list[np.ndarray], reps:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--per-domain", type=int, default=32)
-    p.add_argument("--T", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--model-cache", default=".cache/models")
+    p = smollm2_args(__doc__, per_domain=32)
     p.add_argument("--zoo", default=".cache/zoo")
     args = p.parse_args()
-    torch.set_num_threads(cpus())
-    cfg = ScanConfig(models=[ModelSpec(name="smollm2", packaged="smollm2-135m")],
-                     datasets=[DatasetSpec(name="prose", embedded="prose")], model_cache=args.model_cache)
-    [mr] = model_revisions(cfg, log=print)
-    segs = segments(load_tokenizer(mr.source), args.per_domain, args.T)
+    mr, segs = smollm2_segments(args)
     print(f"torch {torch.__version__}, {cpus()} threads, load average {os.getloadavg()[0]:.2f} at start; "
           f"{len(segs)} segments x {args.T} tokens, batch {args.batch}, best of {args.reps}\n")
     print("| model | eager tokens/s | compiled tokens/s | compiled / eager | compile s | break-even | "

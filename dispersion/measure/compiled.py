@@ -34,6 +34,15 @@ Compile = Literal["auto", "on", "off"]
 BREAK_EVEN_FLOPS = 1e13  # forward FLOPs of a scan per model below which `auto` stays eager
 
 
+def compile_failed(setting: str, err: BaseException, fallback: str) -> str:
+    """The one warning line of a failed compile (printed to stderr and returned): the setting,
+    the error's type and first line, and what runs instead."""
+    first = str(err).splitlines()[0][:120] if str(err) else ""
+    note = f"{setting}: compile failed ({type(err).__name__}: {first}); {fallback}"
+    print(f"warning: {note}", file=sys.stderr)
+    return note
+
+
 def use_compile(setting: Compile, device: str, flops: float) -> tuple[bool, str | None]:
     """Whether a model's blocks run compiled on ``device`` for a scan of ``flops`` forward FLOPs,
     and the one line to log (the same for every model, so a scan logs it once) when ``auto``
@@ -69,7 +78,4 @@ class CompiledBlocks:
         for child in self.children:
             if "forward" in vars(child):
                 del child.forward  # the class's eager forward again
-        first = str(err).splitlines()[0][:120] if str(err) else ""
-        note = f"extraction.compile: compile failed ({type(err).__name__}: {first}); eager blocks"
-        print(f"warning: {note}", file=sys.stderr)
-        return note
+        return compile_failed("extraction.compile", err, "eager blocks")

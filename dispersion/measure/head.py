@@ -23,12 +23,13 @@ Two paths compute the same numbers (to fp32 rounding of the sum's order):
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from dispersion.measure.compiled import compile_failed
 
 FusedHead = Literal["auto", "on", "off"]
 
@@ -90,9 +91,7 @@ class Head:
                            torch.zeros(self.chunk, dtype=torch.long, device=self.weight.device), self.softcap)
             except Exception as err:  # noqa: BLE001 - the compiler fails in many ways; eager is always right
                 self.fused = False
-                first = str(err).splitlines()[0][:120] if str(err) else ""
-                self.note = f"extraction.fused_head: compile failed ({type(err).__name__}: {first}); the eager head"
-                print(f"warning: {self.note}", file=sys.stderr)
+                self.note = compile_failed("extraction.fused_head", err, "the eager head")
                 return None
             self.compile_s = time.perf_counter() - t0
             self._kernel = kernel
