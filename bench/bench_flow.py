@@ -31,8 +31,7 @@ def main() -> None:
     import yaml
 
     from dispersion.config import parse_config
-    from dispersion.run import run_scan
-    from dispersion.run import ensure_zoo
+    from dispersion.run import prepare_models, run_scan
 
     with open(args.config) as fh:
         raw = yaml.safe_load(fh)
@@ -46,7 +45,7 @@ def main() -> None:
     with open(cfg_path, "w") as fh:
         yaml.safe_dump(raw, fh)
     cfg = parse_config(raw)
-    ensure_zoo(cfg, progress=False)
+    prepare_models(cfg, progress=False)
 
     t = time.perf_counter()
     res = run_scan(cfg, root=os.path.join(tmp, "inproc"), progress=False, log=lambda *_: None)

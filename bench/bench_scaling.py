@@ -27,14 +27,14 @@ def main() -> None:
 
     from dispersion.config import load_config
     from dispersion.measure.scan import plan
-    from dispersion.run import ensure_zoo
+    from dispersion.run import prepare_models
     from dispersion.core.storage import Store
     from tasks.ray_units import run_on_ray
 
     base = load_config("configs/default.yaml")
     models = [m.model_copy(update={"revisions": ["step300"]}) for m in base.models]
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
-    ensure_zoo(base, progress=False)
+    prepare_models(base, progress=False)
     rows = []
     for label, nodes, cpus_per_node, actor_cpus in [("1 node x 2 CPU, 1 actor x 2 CPU", 1, 2, 2),
                                                     ("1 node x 2 CPU, 2 actors x 1 CPU", 1, 2, 1),

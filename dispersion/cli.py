@@ -129,13 +129,15 @@ def report(config: ConfigOpt = None, model: ModelOpt = None, dataset: DatasetOpt
     """Recompute bins, correlations, plot and catalog from the stored shards (the same
     --config / --model / --dataset / -o as the scan find its shards)."""
     from dispersion.measure.scan import plan
-    from dispersion.run import aggregate
+    from dispersion.run import aggregate, prepare_models
 
     cfg = _load(config, model, dataset, overrides)
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     set_torch_threads(log=typer.echo)
-    units = plan(cfg, store, sample=False)
-    tables, rep, catalog = aggregate(cfg, store, units)
+    prepare_models(cfg, log=typer.echo)
+    units = plan(cfg, store, sample=False, bin_size=cfg.analysis.bin_size)
+    done = aggregate(cfg, store, units)
+    tables, rep, catalog = done.tables, done.report, done.catalog
     from dispersion.report.markdown import print_tables
 
     a = cfg.analysis
@@ -154,7 +156,7 @@ def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
     from dispersion.config import ANALYSIS_STEPS
     from dispersion.core.errors import ConfigError
     from dispersion.measure.scan import plan
-    from dispersion.run import aggregate
+    from dispersion.run import aggregate, prepare_models
 
     cfg = _load(config, model, dataset, overrides)
     only = None
@@ -165,8 +167,10 @@ def analyze(steps: Annotated[Optional[list[str]], typer.Argument(
             raise ConfigError(f"steps: unknown step {bad[0]!r} (known: {', '.join(ANALYSIS_STEPS)}, all)")
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     set_torch_threads(log=typer.echo)
-    units = plan(cfg, store, log=lambda m: None, sample=False)
-    _, rep, catalog = aggregate(cfg, store, units, log=typer.echo, only=only)
+    prepare_models(cfg, only=only, log=typer.echo)
+    units = plan(cfg, store, log=lambda m: None, sample=False, bin_size=cfg.analysis.bin_size)
+    done = aggregate(cfg, store, units, log=typer.echo, only=only)
+    rep, catalog = done.report, done.catalog
     typer.echo(f"report: {rep['summary']}\ncatalog: {catalog}")
 
 
@@ -201,7 +205,7 @@ def hardness(samples: Annotated[Optional[list[str]], typer.Option(
     from dispersion.analyses.registry import run_steps
     from dispersion.core.catalog import build_catalog
     from dispersion.core.layout import section_path
-    from dispersion.run import ensure_zoo
+    from dispersion.run import prepare_models
 
     base = _load(config, model, None, overrides)
     owner = base.models[0].name
@@ -215,7 +219,7 @@ def hardness(samples: Annotated[Optional[list[str]], typer.Option(
     cfg = _load(config, model, None, [*(overrides or []), f"analysis.hardness.query_sets={json.dumps(sets)}"])
     store = _preflight(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     set_torch_threads(log=typer.echo)
-    ensure_zoo(cfg)
+    prepare_models(cfg, only=["hardness"], log=typer.echo)
     from dispersion.measure.units import run_units
 
     run_steps(STEPS, StepContext(cfg, store, [], {}, log=typer.echo, runner=run_units), only=["hardness"])

@@ -6,11 +6,10 @@ by Ray actors.
 
 from __future__ import annotations
 
-import glob
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -21,8 +20,7 @@ from dispersion.analyses.registry import Planned, report_sections, run_steps
 from dispersion.config import RunConfig
 from dispersion.core.catalog import build_catalog
 from dispersion.core.config import ScanConfig
-from dispersion.core.errors import ConfigError
-from dispersion.core.ids import revision_order, step_of
+from dispersion.core.ids import revision_order
 from dispersion.core.layout import result_path
 from dispersion.core.storage import Store
 from dispersion.core.threads import set_torch_threads
@@ -38,16 +36,31 @@ class ScanResult:
     tables: dict[str, pa.Table]
     report: dict[str, str]
     catalog: str
-    run_id: str
+    run_id: str | None  # the scan's manifest
+
+
+@dataclass
+class Aggregated:
+    """What :func:`aggregate` published: the result tables, the report's URLs (``plot``,
+    ``summary``, ``html``), the catalog's path, and the id of the scan's manifest (``None``
+    when no scan was recorded)."""
+
+    tables: dict[str, pa.Table]
+    report: dict[str, str]
+    catalog: str
+    run_id: str | None = None
 
 
 def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
               log: Callable[[str], None] = print,
               only: list[str] | None = None, planned: dict[str, Planned] | None = None,
-              progress: bool = False) -> tuple[dict[str, pa.Table], dict[str, str], str]:
+              progress: bool = False, scan: ScanStats | None = None) -> Aggregated:
     """Bins + correlations (published as results), the enabled analysis steps (the units of the
     steps that measure computed first, unless ``planned`` by a flow whose runner computed them),
-    the report, and the catalog."""
+    the report, and the catalog. With ``scan`` (what the scan that measured ``units`` did), its
+    manifest is recorded first: the run id the report names, and the run the catalog's views
+    follow."""
+    run_id = write_manifest(config, store, units, scan) if scan is not None else None
     a = config.analysis
     vendi = a.enabled("vendi") if only is None else "vendi" in only
     tables = analyze(store, units, bin_size=a.bin_size, select_bins=a.select_bins, vendi=vendi, boot=a.bootstrap)
@@ -63,16 +76,16 @@ def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
     run_steps(STEPS, ctx, only=only)
     tables["claims"] = claims_table(ctx)  # every claim the run can test, its stored steps' tables included
     store.write_table(result_path("claims", config.name), tables["claims"])
+    meta = run_meta(config, store, units, run_id)
+    claims = claims_markdown(tables["claims"], a.bootstrap.level)
     sections = report_sections(STEPS, store, config.name)
-    layer = str(a.layer)
     report = publish_report(store, config.name, main["bins"], main["correlations"],
-                            layer=layer, site=a.site, pool=a.pool, sections=sections,
-                            claims=claims_markdown(tables["claims"], a.bootstrap.level),
-                            model_order=[m.name for m in config.models], meta=run_meta(config, store, units))
+                            layer=str(a.layer), site=a.site, pool=a.pool, sections=sections, claims=claims,
+                            model_order=[m.name for m in config.models], meta=meta)
     catalog = build_catalog(store)
     if config.tracking.mlflow is not None:
         track(config, store, tables["correlations"], log)
-    return tables, report, catalog
+    return Aggregated(tables, report, catalog, run_id)
 
 
 def track(config: RunConfig, store: Store, correlations: pa.Table, log: Callable[[str], None]) -> str | None:
@@ -92,9 +105,10 @@ def newest_run_id(store: Store) -> str | None:
     return run_of_manifest(runs[-1]) if runs else None
 
 
-def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str, str]:
-    """What the report's first lines say about a run: name and id, when, code version, models
-    and revisions, datasets and segments, bins, what was measured."""
+def run_meta(config: RunConfig, store: Store, units: list[WorkUnit], run_id: str | None = None) -> dict[str, str]:
+    """What the report's first lines say about a run: name and id (``run_id``, else the newest
+    scan's of the root), when, code version, models and revisions, datasets and segments, bins,
+    what was measured."""
     from dispersion import __version__
 
     revisions: dict[str, set[str]] = {}
@@ -106,7 +120,7 @@ def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str
         return ", ".join(ordered) if len(ordered) <= 4 else f"{ordered[0]} … {ordered[-1]}, {len(ordered)} revisions"
 
     samples = {(u.segments.dataset, u.segments.sample): sum(u.segments.shard_rows) for u in units}
-    run_id = newest_run_id(store)
+    run_id = run_id or newest_run_id(store)
     a, s = config.analysis, config.sampling
     return {
         "run": f"`{config.name}`" + (f" (run id `{run_id}`)" if run_id else ""),
@@ -122,12 +136,47 @@ def run_meta(config: RunConfig, store: Store, units: list[WorkUnit]) -> dict[str
     }
 
 
-def ensure_zoo(config: ScanConfig, progress: bool = True) -> None:
-    """Build the embedded zoo models the config names, if they are missing."""
-    names = sorted({m.zoo for m in config.models if m.zoo is not None})
-    if names:
-        build_zoo(config.zoo, names=names, progress=progress)
+def build_zoo_models(config: ScanConfig, fields: list[int], progress: bool, only: list[str] | None,
+                     log: Callable[[str], None]) -> None:
+    """The zoo models of ``config.models[i]`` for ``i`` in ``fields``, trained unless built, and
+    ``analysis.condensation.zoo_models`` when the condensation step runs (enabled, or in ``only``)."""
+    names = {zoo for i in fields if (zoo := config.models[i].zoo) is not None}
+    if isinstance(config, RunConfig) and ("condensation" in only if only is not None
+                                          else config.analysis.enabled("condensation")):
+        analysis: Any = config.analysis  # the steps' option fields are generated from the registry
+        names.update(analysis.condensation.zoo_models)
+    build_zoo(config.zoo, names=sorted(names), progress=progress)
 
+
+def convert_model_files(config: ScanConfig, fields: list[int], progress: bool, only: list[str] | None,
+                        log: Callable[[str], None]) -> None:
+    """The GGUF files of ``config.models[i]`` (``gguf`` or ``packaged``), converted into
+    ``config.model_cache`` unless converted already."""
+    from dispersion.measure.gguf import spec_gguf
+
+    for i in fields:
+        spec_gguf(config.models[i], config.model_cache, field=f"models.{i}", log=log)
+
+
+# What a model source needs before a scan can resolve it (sources not named need nothing).
+PREPARE: dict[str, Callable[[ScanConfig, list[int], bool, list[str] | None, Callable[[str], None]], None]] = {
+    "zoo": build_zoo_models,
+    "gguf": convert_model_files,
+    "packaged": convert_model_files,
+}
+
+
+def prepare_models(config: ScanConfig, progress: bool = True, only: list[str] | None = None,
+                   log: Callable[[str], None] = print) -> None:
+    """Make every configured model loadable before the scan plans (:data:`PREPARE`): missing
+    zoo models are trained, GGUF and packaged files converted; hub ids and folders need nothing.
+    ``only``: the analysis steps that will run (default: the config's)."""
+    fields: dict[str, list[int]] = {}
+    for i, spec in enumerate(config.models):
+        fields.setdefault(spec.source_kind, []).append(i)
+    for kind, indices in fields.items():
+        if kind in PREPARE:
+            PREPARE[kind](config, indices, progress, only, log)
 
 
 def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = True,
@@ -135,38 +184,8 @@ def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = Tru
     """Build missing zoo models, extract every pending unit in process, aggregate, report."""
     store = Store(root or config.root)
     set_torch_threads(log=log)
-    ensure_zoo(config, progress=progress)
-    units = plan(config, store, log=log)
+    prepare_models(config, progress=progress, log=log)
+    units = plan(config, store, log=log, bin_size=config.analysis.bin_size)
     stats = execute(units, config, store, progress=progress, log=log)
-    run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
-    tables, report, catalog = aggregate(config, store, units, log=log, progress=progress)
-    return ScanResult(stats, tables, report, catalog, run_id)
-
-
-def sweep_config(config: RunConfig, model: str, revisions: list[str] | None = None,
-                 checkpoint_glob: str | None = None) -> RunConfig:
-    """The config restricted to ``model`` at the given revisions or globbed checkpoint folders."""
-    specs = [m for m in config.models if m.name == model]
-    if not specs:
-        raise ConfigError(f"model: {model!r} is not in the config (models: {[m.name for m in config.models]})")
-    spec = specs[0]
-    if (revisions is None) == (checkpoint_glob is None):
-        raise ConfigError("give exactly one of revisions or checkpoint_glob")
-    update: dict = {}
-    if checkpoint_glob is not None:
-        folders = sorted(p for p in glob.glob(os.path.expanduser(checkpoint_glob)) if os.path.isdir(p))
-        if not folders:
-            raise ConfigError(f"checkpoint_glob: {checkpoint_glob!r} matches no folder")
-        parents = {os.path.dirname(os.path.abspath(p)) for p in folders}
-        if len(parents) != 1:
-            raise ConfigError(f"checkpoint_glob: folders must share one parent, got {sorted(parents)}")
-        names = sorted((os.path.basename(p) for p in folders), key=lambda n: (step_of(n) is None, step_of(n) or 0, n))
-        update = {"zoo": None, "id": parents.pop(), "gguf": None, "packaged": None, "revisions": names}
-    else:
-        if not revisions:
-            raise ConfigError("revisions: must not be empty")
-        if spec.source_kind in ("gguf", "packaged"):
-            raise ConfigError(f"revisions: {model!r} is a {spec.source_kind} model, whose one revision is 'main'")
-        update = {"revisions": list(revisions)}
-    narrowed = spec.model_copy(update=update)
-    return config.model_copy(update={"models": [narrowed], "name": f"{config.name}-sweep-{model}"})
+    done = aggregate(config, store, units, log=log, progress=progress, scan=stats)
+    return ScanResult(stats, done.tables, done.report, done.catalog, done.run_id)

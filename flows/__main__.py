@@ -18,20 +18,22 @@ import os
 import sys
 
 from dispersion.core.errors import DispersionError
+from dispersion.core.overrides import CheckpointSweep
 from tasks import STARTUP_SETTING
 
 EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 def preflight(config: str, root: str | None, trust_remote_code: bool = False, models: list[str] | None = None,
-              datasets: list[str] | None = None, overrides: list[str] | None = None) -> None:
+              datasets: list[str] | None = None, overrides: list[str] | None = None,
+              sweep: CheckpointSweep | None = None) -> None:
     """Check what can be checked before Prefect and Ray start, so bad input gives one line:
     the config, the consent for remote code, the storage root (protocol, bucket,
     credentials, writable) and the Ray address."""
     from dispersion.config import load_config
     from dispersion.core.preflight import preflight as check
 
-    cfg = load_config(config, models=models or (), datasets=datasets or (), overrides=overrides or ())
+    cfg = load_config(config, models=models or (), datasets=datasets or (), overrides=overrides or (), sweep=sweep)
     check(root or cfg.root, cfg, trust_remote_code=trust_remote_code)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(train_sweep(args.config), indent=1))
             return 0
         models, datasets = getattr(args, "models", []), getattr(args, "datasets", [])
-        preflight(args.config, args.root, args.trust_remote_code, models, datasets, args.overrides)
+        sweep = (CheckpointSweep(args.model, args.revisions, args.checkpoint_glob)
+                 if args.flow == "checkpoint-sweep" else None)
+        preflight(args.config, args.root, args.trust_remote_code, models, datasets, args.overrides, sweep)
         if args.flow == "scan-models":
             from flows.scan_models import scan_models
 

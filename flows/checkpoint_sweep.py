@@ -10,11 +10,10 @@ from prefect.artifacts import create_table_artifact
 from dispersion.analyses.trajectory import trajectory
 from dispersion.config import RunConfig
 from dispersion.core.layout import result_path
+from dispersion.core.overrides import CheckpointSweep
 from dispersion.core.storage import Store
 from dispersion.measure.scan import WorkUnit
-from dispersion.run import sweep_config
 from flows.scan_models import run_pipeline
-from tasks.steps import load_config_task
 
 
 @task(name="trajectory")
@@ -51,9 +50,9 @@ def checkpoint_sweep(config: str, model: str, revisions: list[str] | None = None
         trust_remote_code: As for ``scan-models``.
         overrides: ``key.path=value`` changes to the config (value read as YAML).
     """
-    cfg = sweep_config(load_config_task(config, overrides=overrides), model, revisions, checkpoint_glob)
+    result, cfg, units = run_pipeline(config, root, trust_remote_code, overrides=overrides,
+                                      sweep=CheckpointSweep(model, revisions, checkpoint_glob))
     root = root or cfg.root
-    result, units = run_pipeline(cfg, root, trust_remote_code)
     result["trajectory"] = trajectory_task(cfg, units, root)
     from dispersion.core.catalog import build_catalog
 

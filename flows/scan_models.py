@@ -10,45 +10,30 @@ from __future__ import annotations
 from prefect import flow
 
 from dispersion.config import RunConfig
-from dispersion.core.errors import ConfigError
+from dispersion.core.overrides import CheckpointSweep
 from dispersion.core.preflight import preflight
 from dispersion.measure.scan import WorkUnit
-from tasks.steps import aggregate_task, build_zoo_task, extract_task, load_config_task, plan_task
+from tasks.steps import aggregate_task, extract_task, load_config_task, plan_task
 
 
-def run_pipeline(cfg: RunConfig, root: str | None, trust_remote_code: bool = False,
-                 needs: str | None = None) -> tuple[dict, list[WorkUnit]]:
-    """The body of every measuring flow (scan-models, checkpoint-sweep, knnlm, hardness):
-    preflight (consent for remote code, a usable root), plan the scan and the analysis steps
-    that measure, fan every pending unit out to Ray, aggregate. ``needs``: an analysis step the
-    config must enable. Returns the summary and the work units (for follow-up analyses of the
-    same units)."""
-    if needs is not None and not cfg.analysis.enabled(needs):
-        raise ConfigError(f"analysis.steps: this flow needs the {needs} step")
+def run_pipeline(config: str | None, root: str | None = None, trust_remote_code: bool = False, *,
+                 models: list[str] | None = None, datasets: list[str] | None = None,
+                 overrides: list[str] | None = None, sweep: CheckpointSweep | None = None,
+                 needs: str | None = None) -> tuple[dict, RunConfig, list[WorkUnit]]:
+    """The body of every measuring flow (scan-models, checkpoint-sweep, knnlm, hardness): load
+    the config (with the command line's changes, a checkpoint ``sweep``; ``needs``: an analysis
+    step it must enable), preflight (consent for remote code, a usable root), make the models
+    loadable, plan the scan and the analysis steps that measure, fan every pending unit out to
+    Ray, aggregate. Returns the summary, the config and the work units (for follow-up analyses
+    of the same units)."""
+    cfg = load_config_task(config, models, datasets, overrides, sweep=sweep, needs=needs)
     root = root or cfg.root
     preflight(root, cfg, trust_remote_code=trust_remote_code)
-    build_zoo_task(cfg)
     units, planned = plan_task(cfg, root)
     paths, ran, seconds = extract_task(cfg, units, root, planned)
     result = aggregate_task(cfg, units, root, ran, planned, seconds)
     measured = {name: len(p.units) for name, p in planned.items()}
-    return {**result, "features": len(paths), **({"step_units": measured} if measured else {})}, units
-
-
-def step_flow(step: str, default_config: str, description: str):
-    """The flow of one measuring analysis step (``knnlm``, ``hardness``): the scan-models body
-    for a config whose analysis steps must include ``step``; its units are computed on Ray with
-    the scan's."""
-
-    def measuring_flow(config: str = default_config, root: str | None = None, trust_remote_code: bool = False,
-                       overrides: list[str] | None = None) -> dict:
-        return run_pipeline(load_config_task(config, overrides=overrides), root, trust_remote_code, needs=step)[0]
-
-    measuring_flow.__name__ = measuring_flow.__qualname__ = step
-    measuring_flow.__doc__ = (f"Scan ``config`` and run its analysis steps (which must include ``{step}``) into "
-                              "``root`` (default: the config's root), every unit computed on Ray. ``overrides``: "
-                              "``key.path=value`` changes to the config, as ``-o`` on the command line.")
-    return flow(name=step, log_prints=True, description=description.strip().split("\n\n")[0])(measuring_flow)
+    return {**result, "features": len(paths), **({"step_units": measured} if measured else {})}, cfg, units
 
 
 @flow(name="scan-models", log_prints=True)
@@ -71,8 +56,7 @@ def scan_models(config: str | None = "configs/default.yaml", root: str | None = 
         overrides: ``key.path=value`` changes to the config (value read as YAML), e.g.
             ``sampling.num_segments=500``.
     """
-    cfg = load_config_task(config, models, datasets, overrides)
-    return run_pipeline(cfg, root, trust_remote_code)[0]
+    return run_pipeline(config, root, trust_remote_code, models=models, datasets=datasets, overrides=overrides)[0]
 
 
 if __name__ == "__main__":

@@ -17,26 +17,17 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ray
 
 from dispersion.core.config import RaySpec
 from dispersion.core.errors import DispersionError
-from dispersion.core.leases import LEASE_SECONDS, Leases, new_owner
+from dispersion.core.leases import LEASE_SECONDS, Leases
+from dispersion.core.progress import Progress
 from dispersion.core.storage import Store
 from dispersion.core.threads import set_torch_threads
-from dispersion.measure.units import (
-    Loaded,
-    RunStats,
-    Unit,
-    Waiting,
-    balance,
-    is_done,
-    lease_rel,
-    run_leased,
-)
+from dispersion.measure.units import Loaded, RunStats, Unit, advance, balance, lease_rel, run_leased, run_with
 
 
 class RayError(DispersionError):
@@ -131,56 +122,50 @@ def _slots(spec: RaySpec) -> int:
     return max(1, slots)
 
 
+class RayActors:
+    """The Ray executor of :func:`dispersion.measure.units.run_with`: one :class:`UnitActor`
+    per queue of :func:`dispersion.measure.units.balance` (at most one per slot), started only
+    when units are pending; a Ray instance this run started is shut down at the end."""
+
+    def __init__(self, root: str, spec: RaySpec, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.root, self.spec, self.lease_seconds = root, spec, lease_seconds
+        self.actors: list = []
+        self.started = False
+
+    def start(self, pending: Sequence[Unit], leases: Leases, bar: Progress) -> None:
+        self.leases, self.bar = leases, bar
+        self.started = connect(self.spec)
+        n = len(balance(pending, min(len(pending), self.spec.max_actors or _slots(self.spec))))
+        cls = UnitActor.options(**ray_options(self.spec, actor=True))  # type: ignore[attr-defined]
+        self.actors = [cls.remote(self.root, leases.owner, self.lease_seconds) for _ in range(n)]
+
+    def results(self, queue: Sequence[Unit]) -> Iterator[tuple[Unit, str, dict]]:
+        refs = {actor.run.remote(u): u for actor, q in zip(self.actors, balance(queue, len(self.actors))) for u in q}
+        for ref, (status, info) in gather(list(refs), self.spec):
+            unit = refs[ref]
+            if status == "ran":
+                advance(self.bar, unit, unit.size)
+            yield unit, status, info
+
+    def close(self, finished: bool, pending: Sequence[Unit]) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        if not finished and self.actors:  # free this run's leases of the units its killed actors held
+            for u in pending:
+                try:
+                    self.leases.release(lease_rel(u))
+                except Exception:  # noqa: BLE001 - best effort: they expire anyway
+                    break
+        if self.started:
+            ray.shutdown()
+
+
 def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
                progress: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
                owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> RunStats:
-    """Run every pending unit on Ray actors (the Ray form of
-    :func:`dispersion.measure.units.run_units`); ``progress`` gets the marker of each unit that
-    ran, with ``elapsed``. A unit whose files no longer match its marker is logged and runs again.
-
-    Units run under leases owned by ``owner`` (one per call unless given: pass the same owner to
-    a retry of this run so that it re-takes its own leases at once). A unit leased by another
-    live run is waited for, or run here once that lease expires."""
-    store = Store(root)
-    stats = RunStats(planned=len(units))
-    pending = [u for u in units if not is_done(store, u, log=log)]
-    stats.skipped = len(units) - len(pending)
-    if not pending:
-        return stats
-    owner = owner or new_owner()
-    started = connect(spec)
-    queues = balance(pending, min(len(pending), spec.max_actors or _slots(spec)))
-    cls = UnitActor.options(**ray_options(spec, actor=True))  # type: ignore[attr-defined]
-    actors = [cls.remote(root, owner, lease_seconds) for _ in queues]
-    t0 = time.perf_counter()
-    waiting = Waiting(store, lease_seconds, log)
-    finished = False
-    try:
-        while queues:
-            refs = {actor.run.remote(u): u for actor, queue in zip(actors, queues) for u in queue}
-            held: list[tuple[Unit, dict]] = []
-            for ref, (status, info) in gather(list(refs), spec):
-                unit = refs[ref]
-                stats.count(status, unit, info)
-                if status == "ran" and progress is not None:
-                    progress({**info, "elapsed": time.perf_counter() - t0})
-                elif status == "leased":
-                    held.append((unit, info))
-            left = waiting.settle(held, stats)
-            queues = balance(left, len(actors)) if left else []
-        finished = True
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if not finished:  # free this run's leases of the units its killed actors held
-            leases = Leases(store, owner=owner)
-            for u in pending:
-                try:
-                    leases.release(lease_rel(u))
-                except Exception:  # noqa: BLE001 - best effort: they expire anyway
-                    break
-        Leases(store, owner=owner).sweep()
-        if started:
-            ray.shutdown()
-    stats.seconds = time.perf_counter() - t0
-    return stats
+    """Run every pending unit on Ray actors: :func:`dispersion.measure.units.run_with`
+    :class:`RayActors`; ``progress`` gets the marker of each unit that ran, with ``elapsed``.
+    Units run under leases owned by ``owner`` (pass the same owner to a retry of this run)."""
+    actors = RayActors(root, spec, lease_seconds)
+    return run_with(actors, units, Store(root), progress=False, log=log, owner=owner, lease_seconds=lease_seconds,
+                    on_ran=progress)

@@ -10,10 +10,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from dispersion.analyses.registry import Planned
 from dispersion.config import RunConfig, load_config
+from dispersion.core.errors import ConfigError
 from dispersion.core.layout import report_path
+from dispersion.core.overrides import CheckpointSweep
 from dispersion.core.storage import Store
-from dispersion.measure.scan import ScanStats, WorkUnit, plan, write_manifest
-from dispersion.run import aggregate, ensure_zoo
+from dispersion.measure.scan import ScanStats, WorkUnit, plan
+from dispersion.run import aggregate, prepare_models
 
 
 def _log(msg: str) -> None:
@@ -30,26 +32,28 @@ def artifact_key(name: str, root: str) -> str:
 
 @task(name="load-config")
 def load_config_task(path: str | None, models: list[str] | None = None, datasets: list[str] | None = None,
-                     overrides: list[str] | None = None) -> RunConfig:
-    """The run config with the command-line style changes of :mod:`dispersion.core.overrides`."""
-    return load_config(path, models=models or (), datasets=datasets or (), overrides=overrides or ())
-
-
-@task(name="build-zoo", retries=1)
-def build_zoo_task(config: RunConfig) -> None:
-    ensure_zoo(config, progress=False)
+                     overrides: list[str] | None = None, sweep: CheckpointSweep | None = None,
+                     needs: str | None = None) -> RunConfig:
+    """The run config with the command-line style changes of :mod:`dispersion.core.overrides`
+    and a checkpoint ``sweep``; ``needs``: an analysis step the config must enable."""
+    cfg = load_config(path, models=models or (), datasets=datasets or (), overrides=overrides or (), sweep=sweep)
+    if needs is not None and not cfg.analysis.enabled(needs):
+        raise ConfigError(f"analysis.steps: this flow needs the {needs} step")
+    return cfg
 
 
 @task(name="plan", retries=2, retry_delay_seconds=5)
 def plan_task(config: RunConfig, root: str) -> tuple[list[WorkUnit], dict[str, Planned]]:
-    """The scan's work units (segments sampled and published) and the plans of the analysis
+    """Every configured model made loadable (missing zoo models trained, GGUF files converted),
+    then the scan's work units (segments sampled and published) and the plans of the analysis
     steps that measure (kNN-LM shards, query sets): everything the Ray runner computes."""
     from dispersion.analyses import STEPS
     from dispersion.analyses.registry import StepContext, plan_steps
 
+    prepare_models(config, progress=False, log=_log)
     store = Store(root)
     store.check()
-    units = plan(config, store, log=_log)
+    units = plan(config, store, log=_log, bin_size=config.analysis.bin_size)
     planned = plan_steps(STEPS, StepContext(config, store, units, {}, log=_log))
     steps = "".join(f", {len(p.units)} {name} units" for name, p in planned.items())
     _log(f"{len(units)} work units{steps} planned")
@@ -94,15 +98,15 @@ def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int
     """Bins, correlations, the analysis steps (reading the shards the runner published), report
     and catalog; Prefect artifacts with the summary."""
     store = Store(root)
+    key = artifact_key(config.name, store.url())
     stats = ScanStats(planned=len(units), ran=ran, skipped=len(units) - ran,
                       segments=sum(u.n_rows for u in units), seconds=seconds)
-    run_id = write_manifest(config, store, units, stats)  # before the catalog, whose views follow the newest run
-    tables, report, catalog = aggregate(config, store, units, log=_log, planned=planned)
+    done = aggregate(config, store, units, log=_log, planned=planned, scan=stats)
+    tables, report, catalog = done.tables, done.report, done.catalog
     a = config.analysis
     corr = [r for r in tables["correlations"].to_pylist()
             if r["layer"] == str(a.layer) and r["site"] == a.site and r["pool"] in (a.pool, "tokens")
             and r["bins"] == "all"]
-    key = artifact_key(config.name, store.url())
     create_table_artifact(key=f"{key}-correlations", table=[
         {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
          if k in ("model", "revision", "dataset", "scope", "n_bins", "spearman_r", "spearman_p", "pearson_r",
@@ -118,4 +122,4 @@ def aggregate_task(config: RunConfig, units: list[WorkUnit], root: str, ran: int
         + body), description=f"dispersion scan {config.name}")
     create_link_artifact(key=f"{key}-report", link=link,
                          link_text=f"report of {config.name}", description=f"dispersion scan {config.name} report")
-    return {**report, "catalog": catalog, "run_id": run_id, "units": len(units), "ran": ran}
+    return {**report, "catalog": catalog, "run_id": done.run_id, "units": len(units), "ran": ran}

@@ -192,7 +192,7 @@ def test_steps_with_missing_inputs_fail_in_one_line(micro_zoo, tmp_path, analyse
 def test_gap_step_reads_each_checkpoint_and_feeds_the_trajectory(analysed):
     cfg, store, _ = analysed
     from dispersion.measure.modeling import read_output_embeddings
-    from dispersion.measure.scan import model_revisions
+    from dispersion.measure.sources import model_revisions
 
     gap = _read(store, "gap")
     mrs = model_revisions(cfg)
@@ -253,3 +253,21 @@ def test_condensation_maps_more_zoo_sizes_without_a_scan(analysed):
     assert extra and all(r["hist"] == scanned[("llama-small", "step20", r["layer"])] for r in extra)
     with pytest.raises(ConfigError, match="unknown zoo model 'nope'"):
         parse_config({**cfg.model_dump(), "analysis": {**analysis, "condensation": {"zoo_models": ["nope"]}}})
+
+
+def test_the_zoo_build_step_builds_the_condensation_zoo_models(micro_zoo, tmp_path, monkeypatch):
+    """The analysis steps train nothing: the scan's zoo build (before planning) also builds
+    ``condensation.zoo_models`` when the condensation step runs, and only then."""
+    import dispersion.run as run
+
+    built: list[list[str]] = []
+    monkeypatch.setattr(run, "build_zoo", lambda spec, names, progress: built.append(names))
+    analysis = {"bin_size": 10, "steps": ["condensation"], "condensation": {"zoo_models": ["llama-small"]}}
+    cfg = parse_config(scan_config_dict(micro_zoo, tmp_path, models=[{"name": "g", "zoo": "gpt2-tiny"}],
+                                        analysis=analysis))
+    run.prepare_models(cfg)
+    run.prepare_models(cfg, only=["vendi"])
+    run.prepare_models(parse_config({**cfg.model_dump(), "analysis": {**analysis, "steps": ["vendi"]}}))
+    run.prepare_models(parse_config({**cfg.model_dump(), "analysis": {**analysis, "steps": ["vendi"]}}),
+                   only=["condensation"])
+    assert built == [["gpt2-tiny", "llama-small"], ["gpt2-tiny"], ["gpt2-tiny"], ["gpt2-tiny", "llama-small"]]

@@ -19,7 +19,7 @@ from dispersion.core.errors import ConfigError, ModelError
 from dispersion.core.folders import read_marker
 from dispersion.measure import gguf as gg
 from dispersion.measure.modeling import load_model, load_tokenizer
-from dispersion.measure.scan import model_revisions
+from dispersion.measure.sources import model_revisions
 
 WORDS = ["Ġt", "he", "Ġthe"]  # merged tokens of the tiny byte-level vocabulary
 MERGES = ["Ġ t", "h e", "Ġt he"]
@@ -288,9 +288,8 @@ def test_smollm2_segment_nll_equals_a_direct_transformers_loss(tmp_path):
 
 
 def test_checkpoint_sweep_of_a_gguf_model_is_refused():
-    from dispersion.config import parse_config
-    from dispersion.run import sweep_config
+    from dispersion.core.overrides import CheckpointSweep, narrow_to_checkpoints
 
-    cfg = parse_config({"models": [{"name": "q", "gguf": "a.gguf"}], "datasets": [{"name": "p", "embedded": "prose"}]})
+    data = {"models": [{"name": "q", "gguf": "a.gguf"}], "datasets": [{"name": "p", "embedded": "prose"}]}
     with pytest.raises(ConfigError, match=r"^revisions: 'q' is a gguf model, whose one revision is 'main'$"):
-        sweep_config(cfg, "q", revisions=["step1"])
+        narrow_to_checkpoints(data, CheckpointSweep("q", revisions=["step1"]))

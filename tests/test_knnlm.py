@@ -14,7 +14,8 @@ from dispersion.core.storage import Store
 from dispersion.measure import knn_index as ki
 from dispersion.measure import knnlm as kn
 from dispersion.measure.modeling import ModelSource
-from dispersion.measure.scan import ModelRevision, SegmentSet
+from dispersion.measure.scan import SegmentSet
+from dispersion.measure.sources import ModelRevision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -107,3 +107,31 @@ def test_command_line_without_a_config(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     cfg = load_config(path, datasets=["embedded:code:test"], overrides=["root=runs/elsewhere"])
     assert cfg.datasets[0].split == "test" and cfg.root == "runs/elsewhere" and cfg.models[0].zoo == "gpt2-tiny"
+
+
+def test_a_checkpoint_sweep_narrows_the_config_to_one_model(tmp_path):
+    """The checkpoint-sweep flow's config: one model at the given revisions, or a local folder
+    per globbed checkpoint (ordered by step, whatever the source was); bad requests name the field."""
+    from dispersion.core.overrides import CheckpointSweep
+
+    path = tmp_path / "c.yaml"
+    two = {**BASE, "models": [*BASE["models"], {"name": "b", "id": "org/b", "revisions": ["main"]}]}
+    path.write_text(yaml.safe_dump(two))
+    cfg = load_config(path, sweep=CheckpointSweep("b", revisions=["step1", "step2"]))
+    assert cfg.name == "t-sweep-b" and [(m.name, m.id, m.revisions) for m in cfg.models] == [
+        ("b", "org/b", ["step1", "step2"])]
+    for step in (20, 3, 100):
+        (tmp_path / "ckpt" / f"step{step}").mkdir(parents=True)
+    cfg = load_config(path, sweep=CheckpointSweep("a", checkpoint_glob=str(tmp_path / "ckpt" / "step*")))
+    m = cfg.models[0]
+    assert (m.source_kind, m.id, m.revisions) == ("id", str(tmp_path / "ckpt"), ["step3", "step20", "step100"])
+    no_name = tmp_path / "n.yaml"
+    no_name.write_text(yaml.safe_dump({k: v for k, v in two.items() if k != "name"}))
+    assert load_config(no_name, sweep=CheckpointSweep("a", revisions=["step0"])).name == "default-sweep-a"
+    for sweep, says in [(CheckpointSweep("c", ["step1"]), r"^model: 'c' is not in the config \(models: \['a', 'b'\]\)$"),
+                        (CheckpointSweep("a"), "^give exactly one of revisions or checkpoint_glob$"),
+                        (CheckpointSweep("a", ["s"], "x*"), "^give exactly one of revisions or checkpoint_glob$"),
+                        (CheckpointSweep("a", []), "^revisions: must not be empty$"),
+                        (CheckpointSweep("a", None, str(tmp_path / "none*")), "checkpoint_glob: .* matches no folder$")]:
+        with pytest.raises(ConfigError, match=says):
+            load_config(path, sweep=sweep)

@@ -204,6 +204,17 @@ def test_flow_root_with_unknown_protocol(models, data, capsys, tmp_path):
     assert _tree(tmp_path) == before
 
 
+def test_flow_checkpoint_sweep_of_an_unknown_model_is_one_line(models, data, capsys, tmp_path):
+    """``python -m flows checkpoint-sweep`` checks the swept config before Prefect starts."""
+    from flows.__main__ import main
+
+    cfg = _write(tmp_path / "c.yaml", _cfg(models, data, tmp_path / "out"))
+    before = _tree(tmp_path)
+    code = main(["checkpoint-sweep", "--config", cfg, "--model", "nope", "--revisions", "step1"])
+    _one_error(code, capsys.readouterr().err.splitlines(), "model: 'nope' is not in the config")
+    assert _tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("command", ["scan", "query"])
 def test_root_under_a_regular_file(models, data, capsys, monkeypatch, tmp_path, command):
     (tmp_path / "file").write_text("not a folder\n")

@@ -174,7 +174,8 @@ def test_skip_first_must_leave_tokens(micro_zoo, tmp_path):
 
 def test_balance_uses_every_worker_and_keeps_models_contiguous():
     from dispersion.measure.modeling import ModelSource
-    from dispersion.measure.scan import ModelRevision, SegmentSet, WorkUnit
+    from dispersion.measure.scan import SegmentSet, WorkUnit
+    from dispersion.measure.sources import ModelRevision
     from dispersion.measure.units import balance
 
     def units(model, n):
@@ -212,3 +213,22 @@ def test_a_model_can_have_its_own_number_of_segments(micro_zoo, tmp_path):
     assert sample["gpt2-tiny"] == next(u.segments.sample for u in plain)
     with pytest.raises(ConfigError, match=r"models.0.num_segments"):
         parse_config({**base, "models": [{**base["models"][0], "num_segments": 0}]})
+
+
+def test_every_model_source_kind_has_one_entry_and_resolves(micro_zoo, tmp_path):
+    """measure/sources.py: one entry per ModelSpec source field; a zoo model at ``all`` is
+    every checkpoint present, a local folder at its sub-folders, each fingerprinted."""
+    from dispersion.core.config import MODEL_SOURCES
+    from dispersion.measure.sources import SOURCES, model_revisions
+
+    assert set(SOURCES) == set(MODEL_SOURCES)
+    folder = Path(micro_zoo.cache) / "gpt2-tiny"
+    cfg = parse_config(scan_config_dict(micro_zoo, tmp_path, models=[
+        {"name": "z", "zoo": "gpt2-tiny", "revisions": "all"},
+        {"name": "f", "id": str(folder), "revisions": ["step10"]}]))
+    mrs = model_revisions(cfg)
+    assert [(m.model, m.revision, m.field) for m in mrs] == [
+        ("z", "step0", "models.0"), ("z", "step10", "models.0"), ("z", "step20", "models.0"),
+        ("f", "step10", "models.1")]
+    assert mrs[1].fingerprint == mrs[3].fingerprint and mrs[1].source.location == mrs[3].source.location
+    assert len({m.fingerprint for m in mrs[:3]}) == 3

@@ -128,7 +128,7 @@ def plan_step(ctx: StepContext) -> Planned:
     from dispersion.measure.corpus import dataset_key, documents
     from dispersion.measure.modeling import load_tokenizer, resolve_device, resolve_dtype
     from dispersion.measure.sampling import tokenizer_fingerprint
-    from dispersion.measure.scan import model_revisions
+    from dispersion.measure.sources import model_revisions
 
     cfg = ctx.config
     spec: ClusterSpec = ctx.options("clusters")

@@ -55,7 +55,7 @@ def plan_step(ctx: StepContext) -> Planned:
     from dispersion.analyses.layers import compared_revisions
     from dispersion.core.ids import digest
     from dispersion.measure.modeling import resolve_device, resolve_dtype, resolve_source, source_fingerprint
-    from dispersion.measure.scan import ModelRevision
+    from dispersion.measure.sources import ModelRevision
 
     cfg = ctx.config
     spec = ctx.options("condensation")
@@ -88,8 +88,7 @@ def plan_step(ctx: StepContext) -> Planned:
                         and u.segments.dataset == ds)
             units.append(map_unit(unit.mr, sequences(unit), unit.segments.sample, unit.mr.dtype))
     if spec.zoo_models:  # more zoo sizes, on the segments of a scanned zoo model (same tokenizer)
-        from dispersion.measure.zoo_cache import zoo_revisions
-        from dispersion.training.zoo import build_zoo, zoo_model_dir
+        from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
 
         zoo_names = {m.name for m in cfg.models if m.zoo}
         unit = next((u for u in ctx.units if u.mr.model in zoo_names and u.segments.dataset == ds), None)
@@ -97,7 +96,6 @@ def plan_step(ctx: StepContext) -> Planned:
             raise ConfigError("analysis.condensation.zoo_models: needs a zoo model among the scanned models "
                               "(its segments are in the zoo tokenizer)")
         seqs = sequences(unit)
-        build_zoo(cfg.zoo, list(spec.zoo_models), progress=True)  # a bar on a terminal, timed lines elsewhere
         for name in spec.zoo_models:
             for rev in compared_revisions(zoo_revisions(cfg.zoo.cache, name), cfg.analysis.compare_revisions):
                 src = resolve_source(str(zoo_model_dir(cfg.zoo.cache, name)), rev)

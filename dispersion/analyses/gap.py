@@ -173,7 +173,7 @@ def plan_step(ctx: StepContext) -> Planned:
     """One :class:`TableUnit` per configured model@revision: its gap rows
     (:func:`dispersion.measure.gap.measure_table`; no model is loaded, one tensor is read)."""
     from dispersion.core.ids import digest
-    from dispersion.measure.scan import model_revisions
+    from dispersion.measure.sources import model_revisions
 
     spec = ctx.options("gap")
     key = digest(spec.model_dump(mode="json"))

@@ -64,7 +64,7 @@ from dispersion.core.storage import Store
 from dispersion.measure.bootstrap import bootstrap_p, bootstrap_ppl_difference, interval
 from dispersion.measure.knn_index import IndexSpec
 from dispersion.measure.knnlm import ForwardSpec, KnnUnit, Target
-from dispersion.measure.scan import ModelRevision
+from dispersion.measure.sources import ModelRevision
 from dispersion.report.figures import Figure, category_colors, spearman
 from dispersion.report.markdown import md_table
 
@@ -274,7 +274,7 @@ def candidate_layers(n_layers: int, layers: Literal["all"] | Sequence[LayerRef],
 def selected_revisions(config: ScanConfig, opts: KnnlmOptions, log: Callable[[str], None] = print) -> list:
     """The configured model@revisions this step measures (``models``, ``revisions``)."""
     from dispersion.core.ids import revision_order
-    from dispersion.measure.scan import model_revisions
+    from dispersion.measure.sources import model_revisions
 
     mrs = model_revisions(config, log=log)
     names = list(dict.fromkeys(m.model for m in mrs))

@@ -8,7 +8,9 @@ violation) into :class:`ConfigError` with a one-line message.
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -18,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from dispersion.core.errors import ConfigError, first_line
 from dispersion.core.ids import digest
-from dispersion.core.overrides import split_revision
+from dispersion.core.overrides import CheckpointSweep, apply_overrides, narrow_to_checkpoints, split_revision
 
 LayerRef = int | Literal["final", "all"]
 Site = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # a hook site of dispersion.measure.sites.SITES
@@ -374,11 +376,6 @@ class ScanConfig(Strict):
             raise ValueError("models and datasets must not be empty")
         return self
 
-    def check_sample_sizes(self) -> None:
-        """Refuse samples too small for what the run does with them (ConfigError naming the
-        field). A scan alone stores whatever it samples; :class:`dispersion.config.RunConfig`
-        needs enough segments to bin. Called once the models and datasets have been checked."""
-
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -423,6 +420,61 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+
+COMMAND_LINE_BINS = 10  # bins per sample of a command-line run that sets no analysis.bin_size
+
+# The base of a command line that names models but no config: the embedded corpus's two
+# held-out domains, every other setting at its default.
+COMMAND_LINE_BASE: dict = {
+    "datasets": [{"name": "prose", "embedded": "prose", "split": "validation"},
+                 {"name": "code", "embedded": "code", "split": "validation"}],
+}
+
+
+def config_data(path: str | Path | None, *, models: Sequence[str] = (), datasets: Sequence[str] = (),
+                overrides: Sequence[str] = (), sweep: CheckpointSweep | None = None) -> tuple[dict, str]:
+    """The raw run config a command or a flow asks for, and where it came from: the YAML at
+    ``path`` (a local path or an fsspec URL) with the command line's ``--model``, ``--dataset``
+    and ``-o key.path=value`` applied (:mod:`dispersion.core.overrides`), then narrowed to a
+    checkpoint ``sweep`` (named ``{name}-sweep-{model}``).
+
+    Without a path, ``models`` is required and the base is :data:`COMMAND_LINE_BASE`, rooted at
+    ``runs/<first model>`` and named after it (and after the ``--dataset`` names when given, so
+    that a second run into the same root with other datasets adds its results beside the
+    first's), with :func:`command_line_bin_size` segments per bin unless set."""
+    if path is None:
+        if not models:
+            raise ConfigError("give --config FILE or at least one --model")
+        data, source = copy.deepcopy(COMMAND_LINE_BASE), "<command line>"
+    else:
+        data, source = read_yaml(path), str(path)
+    data = apply_overrides(data, models=models, datasets=datasets, overrides=overrides)
+    if path is None:  # runs of one model share its root; each dataset choice is a run of its own
+        first = data["models"][0]["name"]
+        named = [d.get("name") for d in data["datasets"] if isinstance(d, dict)] if datasets else []
+        data.setdefault("name", "-".join([first, *[str(n) for n in named if n]]))
+        data.setdefault("root", f"runs/{first}")
+        analysis = data.setdefault("analysis", {})
+        if isinstance(analysis, dict) and "bin_size" not in analysis:
+            analysis["bin_size"] = command_line_bin_size(data)
+    if sweep is not None:
+        data = narrow_to_checkpoints(data, sweep)
+        data["name"] = f"{data.get('name', ScanConfig.model_fields['name'].default)}-sweep-{sweep.model}"
+    return data, source
+
+
+def command_line_bin_size(data: dict) -> int:
+    """Segments per bin of a command-line run that sets none: :data:`COMMAND_LINE_BINS` bins of
+    the smallest sample (at most 100 segments, at least 2), so that ``-o
+    sampling.num_segments=200`` gives 10 bins of 20 rather than 2 bins of 100."""
+    given = data.get("sampling")
+    sampling: dict = given if isinstance(given, dict) else {}
+    default = sampling.get("num_segments", SamplingSpec().num_segments)
+    sizes = [m.get("num_segments") or default for m in data.get("models", []) if isinstance(m, dict)]
+    smallest = min((n for n in sizes if isinstance(n, int) and not isinstance(n, bool)), default=0)
+    return max(2, min(100, smallest // COMMAND_LINE_BINS))
 
 
 def validate(model: type[BaseModel], data: object, source: str):

@@ -24,7 +24,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -197,3 +197,47 @@ def apply_overrides(data: dict[str, Any], *, models: Sequence[str] = (), dataset
     for assignment in overrides:
         set_path(out, assignment)
     return out
+
+
+class CheckpointSweep(NamedTuple):
+    """One model of a config at many checkpoints: ``revisions`` or the folders of ``checkpoint_glob``."""
+
+    model: str
+    revisions: Sequence[str] | None = None
+    checkpoint_glob: str | None = None
+
+
+def narrow_to_checkpoints(data: dict[str, Any], sweep: CheckpointSweep) -> dict[str, Any]:
+    """A copy of the raw config ``data`` reduced to its model ``model`` at ``revisions`` (hub
+    ``stepN`` branches, sub-folders of a local model) or at the folders ``checkpoint_glob``
+    matches (each folder one revision, ordered by step): the models of the ``checkpoint-sweep``
+    flow. Exactly one of the two is given."""
+    import glob
+
+    model, revisions, checkpoint_glob = sweep
+    entries = [m for m in data.get("models") or [] if isinstance(m, dict)]
+    found = [m for m in entries if m.get("name") == model]
+    if not found:
+        raise ConfigError(f"model: {model!r} is not in the config (models: {[m.get('name') for m in entries]})")
+    if (revisions is None) == (checkpoint_glob is None):
+        raise ConfigError("give exactly one of revisions or checkpoint_glob")
+    spec = dict(found[0])
+    if checkpoint_glob is not None:
+        folders = sorted(p for p in glob.glob(os.path.expanduser(checkpoint_glob)) if os.path.isdir(p))
+        if not folders:
+            raise ConfigError(f"checkpoint_glob: {checkpoint_glob!r} matches no folder")
+        parents = {os.path.dirname(os.path.abspath(p)) for p in folders}
+        if len(parents) != 1:
+            raise ConfigError(f"checkpoint_glob: folders must share one parent, got {sorted(parents)}")
+        names = sorted((os.path.basename(p) for p in folders), key=lambda n: (step_of(n) is None, step_of(n) or 0, n))
+        for source in ("zoo", "gguf", "packaged"):
+            spec.pop(source, None)
+        spec.update(id=parents.pop(), revisions=names)
+    else:
+        if not revisions:
+            raise ConfigError("revisions: must not be empty")
+        kind = next((k for k in ("gguf", "packaged") if spec.get(k) is not None), None)
+        if kind is not None:
+            raise ConfigError(f"revisions: {model!r} is a {kind} model, whose one revision is 'main'")
+        spec["revisions"] = list(revisions)
+    return {**data, "models": [spec]}

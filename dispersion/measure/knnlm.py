@@ -44,7 +44,8 @@ from dispersion.core.errors import DataError, ModelError, NonFiniteError
 from dispersion.core.ids import digest
 from dispersion.core.integrity import CHECKSUMS, recorded
 from dispersion.core.storage import Store, vector_column
-from dispersion.measure.scan import ModelRevision, SegmentSet, prepare_segments
+from dispersion.measure.scan import SegmentSet, prepare_segments
+from dispersion.measure.sources import ModelRevision
 
 Target = tuple[str, str]  # (layer name, site)
 Part = Literal["store", "eval"]

@@ -34,30 +34,12 @@ from dispersion.core.ids import digest
 from dispersion.core.integrity import CHECKSUMS, check_marker, recorded
 from dispersion.core.leases import LEASE_SECONDS
 from dispersion.core.storage import Store, feature_schema, vector_column, vector_schema
+from dispersion.measure.binning import MIN_POINTS
 from dispersion.measure.corpus import dataset_key, document_source
-from dispersion.measure.modeling import (
-    ModelSource,
-    check_hub_source,
-    load_tokenizer,
-    resolve_source,
-    source_fingerprint,
-)
+from dispersion.measure.modeling import load_tokenizer
 from dispersion.measure.sampling import sample_key, sample_segments, shard_slices, tokenizer_fingerprint
+from dispersion.measure.sources import ModelRevision, model_revisions
 from dispersion.measure.units import run_units
-from dispersion.measure.zoo_cache import zoo_model_dir, zoo_revisions
-
-
-@dataclass(frozen=True)
-class ModelRevision:
-    """One model at one revision, resolved to something loadable."""
-
-    model: str
-    revision: str
-    source: ModelSource
-    dtype: str  # configured dtype ("auto" resolved at load time)
-    field: str  # config path, for error messages
-    fingerprint: str  # identifies the weights (see dispersion.measure.modeling.source_fingerprint)
-    num_segments: int | None = None  # this model's segments per dataset (None: sampling.num_segments)
 
 
 @dataclass(frozen=True)
@@ -155,39 +137,6 @@ class WorkUnit:
 
 
 # -- planning ---------------------------------------------------------------------------------
-
-def model_revisions(config: ScanConfig, log: Callable[[str], None] | None = None) -> list[ModelRevision]:
-    """Every configured model@revision, resolved (zoo models must be built already; GGUF and
-    packaged models are converted into ``config.model_cache`` on first use)."""
-    out = []
-    for i, spec in enumerate(config.models):
-        fld = f"models.{i}"
-        if spec.gguf is not None or spec.packaged is not None:  # one file -> one local folder, 'main'
-            from dispersion.measure.gguf import spec_gguf
-
-            conv = spec_gguf(spec, config.model_cache, field=fld, log=log)
-            src = resolve_source(str(conv.folder), None, field=f"{fld}.{spec.source_kind}")
-            out.append(ModelRevision(spec.name, "main", src, spec.dtype, fld, conv.fingerprint, spec.num_segments))
-            continue
-        if spec.zoo is not None:
-            root = zoo_model_dir(config.zoo.cache, spec.zoo)
-            revisions = zoo_revisions(config.zoo.cache, spec.zoo) if spec.revisions == "all" else spec.revisions
-            model_id = str(root)
-        else:  # ModelSpec validation: an id model (exactly one source), revisions not 'all' (zoo only)
-            assert spec.id is not None and spec.revisions != "all"
-            revisions, model_id = spec.revisions, spec.id
-        if not isinstance(revisions, list):  # a RevisionRange over stepN branches
-            from dispersion.measure.revisions import expand_revisions
-
-            revisions = expand_revisions(model_id, revisions)
-        for rev in revisions:
-            src = resolve_source(model_id, rev, field=f"{fld}.{'zoo' if spec.zoo else 'id'}",
-                                 trust_remote_code=spec.trust_remote_code)
-            check_hub_source(src, field=f"{fld}.id")
-            out.append(ModelRevision(spec.name, rev, src, spec.dtype, fld, source_fingerprint(src),
-                                     spec.num_segments))
-    return out
-
 
 def _check_model_config(mr: ModelRevision, config: ScanConfig) -> tuple[int, int, float]:
     """Fail before any work if the layers or the segment length do not fit the model; returns
@@ -338,15 +287,31 @@ def prepare_segments(config: ScanConfig, store: Store, tokenizer, tok_fp: str,
     return out
 
 
+def check_sample_sizes(config: ScanConfig, bin_size: int) -> None:
+    """Every (model, dataset) sample must give the correlations at least :data:`MIN_POINTS`
+    bins of ``bin_size`` segments (``analysis.bin_size``): a ConfigError naming the fields and
+    the sizes that would do."""
+    for i, m in enumerate(config.models):
+        n = m.num_segments or config.sampling.num_segments
+        if n // bin_size < MIN_POINTS:
+            field = f"models.{i}.num_segments" if m.num_segments else "sampling.num_segments"
+            raise ConfigError(
+                f"analysis.bin_size: {n} segments ({field}) make {n // bin_size} bin(s) of {bin_size} "
+                f"and a correlation needs {MIN_POINTS}: set analysis.bin_size to at most "
+                f"{n // MIN_POINTS} or {field} to at least {MIN_POINTS * bin_size}")
+
+
 def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *,
-         sample: bool = True) -> list[WorkUnit]:
+         sample: bool = True, bin_size: int | None = None) -> list[WorkUnit]:
     """All work units of a scan, with segments sampled and stored (done units included).
 
     Nothing is published before every check that can fail cheaply has passed: each
     model's config (a causal language model whose layers and context fit the request), its
     weights (present, in safetensors), every tokenizer, and every missing sample drawn.
     ``sample=False`` (``report``, ``analyze``) reuses the published samples only, refuses a
-    root without them and skips the weight check: nothing is extracted then."""
+    root without them and skips the weight check: nothing is extracted then. With ``bin_size``
+    (a run that bins its samples), samples too small to correlate are refused
+    (:func:`check_sample_sizes`) once the models and datasets have passed their checks."""
     from dispersion.measure.compiled import use_compile
     from dispersion.measure.head import use_fused
     from dispersion.measure.modeling import check_weights, resolve_device, resolve_dtype
@@ -375,7 +340,8 @@ def plan(config: ScanConfig, store: Store, log: Callable[[str], None] = print, *
         if tkey not in tok_cache:
             tok = load_tokenizer(mr.source, field=mr.field)
             tok_cache[tkey] = (tok, tokenizer_fingerprint(tok))
-    config.check_sample_sizes()
+    if bin_size is not None:
+        check_sample_sizes(config, bin_size)
     publish: list[Callable[[], None]] = []  # every missing sample is drawn before any is written
     warned: set[str] = set()  # a dtype warning once per scan, not once per model
     for mr in mrs:

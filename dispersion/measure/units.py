@@ -28,7 +28,7 @@ one root at the same time compute each unit once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -302,15 +302,75 @@ class Waiting:
         return left
 
 
+def advance(bar: Progress, unit: Unit, rows: int) -> None:
+    """``rows`` more rows of ``unit`` done, with their share of its cost (the ETA follows cost)."""
+    bar.update(rows, work=rows * cost_of(unit) / max(unit.size, 1))
+
+
+class Executor(Protocol):
+    """Where :func:`run_with` runs the pending units: :class:`InProcess`, or Ray actors
+    (``tasks/ray_units.py``). Each unit runs through :func:`run_leased`."""
+
+    def start(self, pending: Sequence[Unit], leases: Leases, bar: Progress) -> None:
+        """Get ready for ``pending`` (start workers); ``leases`` are the run's, under its owner."""
+
+    def results(self, queue: Sequence[Unit]) -> Iterator[tuple[Unit, str, dict]]:
+        """Run every unit of ``queue``; yield ``(unit, status, info)`` of :func:`run_leased` as
+        each finishes, advancing ``bar`` by the rows that ran."""
+        ...
+
+    def close(self, finished: bool, pending: Sequence[Unit]) -> None:
+        """Stop the workers; when the run did not finish, free the leases they held."""
+
+
+class InProcess:
+    """Units one after the other in this process, each model loaded once per run of
+    consecutive units that share it; progress counts rows as they are computed."""
+
+    def __init__(self, store: Store, log: Callable[[str], None] = print) -> None:
+        self.store, self.log = store, log
+
+    def start(self, pending: Sequence[Unit], leases: Leases, bar: Progress) -> None:
+        self.leases, self.bar = leases, bar
+        self.loaded = Loaded(on_load=lambda u: bar.note(u.describe().split(" ")[0]))
+
+    def results(self, queue: Sequence[Unit]) -> Iterator[tuple[Unit, str, dict]]:
+        for unit in queue:
+            status, info = run_leased(unit, self.store, self.leases, self.loaded, progress=self.tick(unit),
+                                      log=self.log)
+            yield unit, status, info
+
+    def tick(self, unit: Unit) -> Tick:
+        return lambda n: advance(self.bar, unit, n)
+
+    def close(self, finished: bool, pending: Sequence[Unit]) -> None:
+        self.leases.release_all()
+        self.loaded.clear()
+
+
 def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", unit_name: str = "segments",
               progress: bool = True, log: Callable[[str], None] = print, owner: str | None = None,
-              lease_seconds: float = LEASE_SECONDS) -> RunStats:
-    """Run every pending unit in this process, each under its lease, loading each model once
-    per run of consecutive units that share it (units are grouped by ``model_key``).
+              lease_seconds: float = LEASE_SECONDS, on_ran: Callable[[dict], None] | None = None) -> RunStats:
+    """Run every pending unit in this process (:func:`run_with` and :class:`InProcess`)."""
+    return run_with(InProcess(store, log), units, store, what=what, unit_name=unit_name, progress=progress,
+                    log=log, owner=owner, lease_seconds=lease_seconds, on_ran=on_ran)
 
-    Progress counts rows (``unit_name``) with N/M and an ETA; a unit another live run holds
-    is waited for (or run here once its lease expires) before this call returns."""
+
+def run_with(executor: Executor, units: Sequence[Unit], store: Store, *, what: str = "extract",
+             unit_name: str = "segments", progress: bool = True, log: Callable[[str], None] = print,
+             owner: str | None = None, lease_seconds: float = LEASE_SECONDS,
+             on_ran: Callable[[dict], None] | None = None) -> RunStats:
+    """The runner: every pending unit of ``units`` run by ``executor`` (:class:`InProcess`, or
+    Ray actors), each under its lease of this run (``owner``; one per call unless given: a
+    retry that passes the same owner re-takes its own leases at once).
+
+    Units of one model are contiguous in the queue (one load per run of them). Progress counts
+    rows (``unit_name``) with N/M and an ETA; ``on_ran`` gets the marker of each unit that ran,
+    with ``elapsed`` seconds. A unit whose files no longer match its marker is logged and runs
+    again; a unit another live run holds is waited for (or run here once its lease expires)
+    before this call returns."""
     stats = RunStats(planned=len(units))
+    waiting = Waiting(store, lease_seconds, log)
     pending = [u for u in units if not is_done(store, u, log=log)]
     stats.skipped = len(units) - len(pending)
     if not pending:
@@ -318,34 +378,31 @@ def run_units(units: Sequence[Unit], store: Store, *, what: str = "extract", uni
             log(f"all {len(units)} {what} units already done")
         return stats
     t0 = time.perf_counter()
+    queue: list[Unit] = [u for group in by_model(pending).values() for u in group]
     bar = Progress(sum(u.size for u in pending), what, unit=unit_name, log=log, enabled=progress,
                    work=sum(cost_of(u) for u in pending))
-
-    def tick(unit: Unit) -> Tick:  # rows of this unit done, with their share of its cost
-        return lambda n: bar.update(n, work=n * cost_of(unit) / max(unit.size, 1))
-
     leases = Leases(store, owner=owner, seconds=lease_seconds)
-    loaded = Loaded(on_load=lambda u: bar.note(u.describe().split(" ")[0]))
-    waiting = Waiting(store, lease_seconds, log)
-    queue: list[Unit] = [u for group in by_model(pending).values() for u in group]
+    finished = False
     try:
+        executor.start(pending, leases, bar)
         while queue:
             held: list[tuple[Unit, dict]] = []
-            for unit in queue:
-                status, info = run_leased(unit, store, leases, loaded, progress=tick(unit), log=log)
+            for unit, status, info in executor.results(queue):
                 stats.count(status, unit, info)
-                if status == "leased":
+                if status == "ran" and on_ran is not None:
+                    on_ran({**info, "elapsed": time.perf_counter() - t0})
+                elif status == "leased":
                     held.append((unit, info))
                 elif status == "done":
-                    bar.update(unit.size, work=cost_of(unit))
-            queue = waiting.settle(held, stats, on_done=lambda u: bar.update(u.size, work=cost_of(u)))
+                    advance(bar, unit, unit.size)
+            queue = waiting.settle(held, stats, on_done=lambda u: advance(bar, u, u.size))
+        finished = True
     except BaseException as err:  # Ctrl-C, SIGTERM: the command says how far this run got
         err.units_done = (stats.ran, len(pending))  # type: ignore[attr-defined]
         raise
     finally:
-        leases.release_all()
+        executor.close(finished, pending)
         leases.sweep()
-        loaded.clear()
         bar.close()
     stats.seconds = time.perf_counter() - t0
     return stats

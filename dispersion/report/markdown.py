@@ -266,8 +266,6 @@ def publish_report(store: Store, name: str, bins: pa.Table, corr: pa.Table, *, l
     png = report_path(name, "png")
     md = report_path(name)
     figure = plot_bins(bins, layer=layer, site=site, pool=pool, model_order=model_order, corr=corr)
-    for ext, data in figure_files(figure).items():
-        store.write_bytes(report_path(name, ext), data)
     summary = markdown_summary(bins, corr, layer=layer, site=site, pool=pool, title="", model_order=model_order)
     appendix = summary.split("\n", 2)[2] if summary.startswith("# ") else summary
     correlations, _, bin_rows = appendix.partition("\n## Bins")
@@ -280,6 +278,8 @@ def publish_report(store: Store, name: str, bins: pa.Table, corr: pa.Table, *, l
         "## Appendix A: correlations at every revision", "", correlations.strip(), "",
         *(["## Appendix B: bins" + bin_rows] if bin_rows else []),
     ])
+    for ext, data in figure_files(figure).items():
+        store.write_bytes(report_path(name, ext), data)
     store.write_text(md, body)
 
     def read(rel: str) -> bytes | None:

@@ -117,7 +117,7 @@ def plan_jobs(cfg: Any, opts: HardnessOptions) -> list[QueryJob]:
     from dispersion.measure.modeling import load_tokenizer, resolve_device, resolve_dtype
     from dispersion.measure.queries import QuerySet, QuerySpec
     from dispersion.measure.sampling import tokenizer_fingerprint
-    from dispersion.measure.scan import model_revisions
+    from dispersion.measure.sources import model_revisions
 
     all_mrs = model_revisions(cfg)
     cloze_specs = [s for s in opts.query_sets if isinstance(s, ClozeSet)]
