@@ -1,6 +1,9 @@
 """The paper's analyses (analysis.steps) end to end on a micro scan, checked against naive
 recomputations from the stored shards."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -222,6 +225,10 @@ def test_finetune_step_measures_base_and_finetuned(analysed):
     tuned = {r["domain"]: r for r in rows if r["checkpoint"] == "finetuned"}
     assert all(np.isfinite([r["ppl"], r["dispersion"], r["within"]]).all() for r in rows)
     assert tuned["prose"]["ppl"] != base["prose"]["ppl"]  # the weights really changed
+    # the runner fine-tuned and measured it as a unit: published with a done marker, so a rerun
+    # finds it done instead of fine-tuning again
+    markers = list(Path(store.path("_done/measured")).glob("step=finetune/**/*.json"))
+    assert len(markers) == 1 and json.loads(markers[0].read_text())["rows"] == len(rows)
 
 
 def test_condensation_step_maps_first_and_last_checkpoints(analysed):

@@ -190,7 +190,7 @@ def test_ray_options_come_from_one_function():
 MODEL_WORK = {"load_model", "load_extractor", "read_output_embeddings", "Extractor", "forward_windows", "answer_cloze",
               "measure_texts", "cluster_states", "run_clusters", "condensation_histograms", "condensation_maps",
               "condensation_table", "gap_of_source", "measure_gap", "run_unit", "run_units", "run_leased",
-              "AutoModel", "AutoModelForCausalLM"}
+              "AutoModel", "AutoModelForCausalLM", "build_zoo", "finetune"}
 
 
 def test_analysis_steps_load_no_model():

@@ -53,6 +53,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -496,6 +497,46 @@ def dispersion_before_after(spec: FinetuneSpec | dict, finetuned: str | os.PathL
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return pa.Table.from_pylist(rows, schema=FINETUNE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One entry of the ``finetune`` analysis step: fine-tune ``spec`` into ``out`` (a local
+    folder keyed by the base weights and the spec; the entry's folders of older keys, siblings
+    named ``{stem}`` or ``{stem}-{key}``, are removed) and measure base and fine-tuned model
+    (:func:`dispersion_before_after` with these settings)."""
+
+    spec: FinetuneSpec
+    out: str
+    stem: str
+    zoo: ZooSpec
+    num_segments: int
+    segment_length: int
+    pool: Literal["last", "mean"]
+    seed: int
+    batch_size: int
+    device: str
+
+    def key(self) -> str:
+        """What changes the numbers (the base weights are the unit's own fingerprint)."""
+        return digest({"spec": self.spec.model_dump(mode="json"), "out": self.out, "segments": self.num_segments,
+                       "length": self.segment_length, "pool": self.pool, "seed": self.seed})
+
+
+def finetune_and_measure(base: Any, run: FinetuneRun) -> pa.Table:
+    """The ``finetune`` step's measurement (a :class:`dispersion.measure.units.TableUnit` whose
+    model is the base ``ModelSource``): fine-tune (resumable; skipped when the folder is
+    complete), then the :data:`FINETUNE_SCHEMA` rows of base and fine-tuned model."""
+    import shutil
+
+    out = Path(run.out)
+    for old in [out.parent / run.stem, *out.parent.glob(f"{run.stem}-*")]:
+        if old != out and old.is_dir() and len(old.name) - len(run.stem) in (0, 13):
+            shutil.rmtree(old, ignore_errors=True)
+    final = finetune(run.spec, out, zoo=run.zoo)
+    return dispersion_before_after(run.spec, final, zoo=run.zoo, num_segments=run.num_segments,
+                                   segment_length=run.segment_length, pool=run.pool, seed=run.seed,
+                                   batch_size=run.batch_size, device=run.device)
 
 
 
