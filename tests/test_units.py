@@ -1,7 +1,7 @@
 """The unit protocol and its runners (dispersion.measure.units, tasks/ray_units.py).
 
-Every kind of unit (a scan shard, a kNN-LM datastore or evaluation shard, a query-set shard)
-behaves alike: a run killed in the middle of a unit resumes at once on the same host (its
+Every kind of unit (a scan shard, a kNN-LM datastore or evaluation shard, a query-set shard,
+a step's table per model@revision, a fine-tuning run) behaves alike: a run killed in the middle of a unit resumes at once on the same host (its
 lease names a process that is gone) and ends with the same bytes as a run that never
 stopped; two runs at once compute each unit once; and two `dispersion scan` commands of the
 kNN-LM config on one root build each kNN-LM shard once. The Ray options come from one
@@ -30,7 +30,7 @@ from dispersion.measure.units import Unit, is_done, lease_rel, run_units
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = lambda *_: None  # noqa: E731
-KINDS = ("scan", "knnlm", "hardness")
+KINDS = ("scan", "knnlm", "hardness", "gap", "finetune")
 
 # plans the units of one kind from a config file; runs them (after `go` exists) with the
 # in-process runner; with a `stop` path, blocks for good once the second unit holds its lease
@@ -83,6 +83,17 @@ def _config(zoo, root: Path, kind: str) -> dict:
                                     "window": 32, "datastore_tokens": 900, "pool_windows": 24, "eval_windows": 6,
                                     "chunks": [4, 8], "seeds": 3, "shard_windows": 8, "k": 32, "max_layers": 1,
                                     "sites": ["block"]}})
+    if kind == "gap":  # a table per model@revision, one tensor read (no model loaded)
+        return scan_config_dict(zoo, root, analysis={"bin_size": 10, "steps": ["gap"], "gap": {
+            "domains": ["digits"], "reference": {"name": "common", "words": [  # the micro zoo's few whole words
+                "the", "of", "to", "in", "is", "and", "for", "if", "return", "def", "self", "not"]}}})
+    if kind == "finetune":  # a table per entry: fine-tune, then measure base and fine-tuned model
+        tiny = {"zoo": "gpt2-tiny", "steps": 2, "batch_size": 4, "seq_len": 32, "eval_every": 2}
+        return scan_config_dict(zoo, root, name="units-finetune", models=one, datasets=prose,
+                                sampling={"num_segments": 30, "segment_length": 32, "shard_size": 30, "seed": 3},
+                                analysis={"bin_size": 10, "steps": ["finetune"], "finetune": [
+                                    {**tiny, "method": "lora"}, {**tiny, "method": "full"},
+                                    {**tiny, "method": "lora", "domain": "code"}]})
     return scan_config_dict(zoo, root, models=one, datasets=prose,
                             analysis={"bin_size": 10, "steps": ["hardness"], "hardness": {
                                 "query_sets": [{"kind": "embedded_cloze", "domain": "prose", "split": "test",
