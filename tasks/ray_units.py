@@ -1,10 +1,11 @@
-"""The Ray runner: units of measuring work (:mod:`dispersion.measure.units`) on Ray actors.
+"""Units of measuring work (:mod:`dispersion.measure.units`) on Ray actors: the executor
+:class:`RayActors` of the one runner loop (:func:`dispersion.measure.units.run_with`).
 
 One actor per GPU (``ray.num_gpus``) or per CPU slot (``ray.num_cpus``). Each actor gets a
 queue in which the units of one model are contiguous (:func:`dispersion.measure.units.balance`),
 so a model is loaded once per chunk; with more actors than models, large models are split.
 Every unit kind runs the same way: a scan's shard, a kNN-LM datastore or evaluation shard, a
-query-set shard. Actors restart when their process dies (``max_restarts``) and their pending
+query-set shard, a step's table. Actors restart when their process dies (``max_restarts``) and their pending
 calls are retried; a retried call first checks the unit's done marker, and outputs are
 published atomically, so a crash never duplicates or loses a row. Each unit runs under a lease
 of this run (:func:`dispersion.measure.units.run_leased`): a retry re-takes it at once, and

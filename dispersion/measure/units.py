@@ -14,15 +14,18 @@ query set (:class:`dispersion.measure.queries.QueryUnit`). Every kind has
 * :meth:`Unit.run`: compute with the loaded model and publish, data first, marker last.
 
 An analysis step whose measurement is one small table per model@revision (a condensation map,
-the states of n-gram clusters, an output-embedding gap) uses :class:`TableUnit`.
+the states of n-gram clusters, an output-embedding gap, a fine-tuning run's before and after)
+uses :class:`TableUnit`.
 
-Its lease lives at :func:`dispersion.core.layout.lease_of` its marker. :func:`run_units` is the
-in-process runner and :func:`run_leased` the step every runner takes per unit (the Ray runner in
-``tasks/ray_units.py`` calls it in its actors): skip a unit whose marker checks out, take its
-lease, load its model unless the one held has the same ``model_key``, run it while renewing the
-lease, release the lease. A unit another live run holds is waited for, or run here once that
-lease expires. So a rerun resumes, a killed run loses at most its units in flight, and runs of
-one root at the same time compute each unit once.
+Its lease lives at :func:`dispersion.core.layout.lease_of` its marker. :func:`run_with` is the
+runner: one loop over the pending units, run by an :class:`Executor` (:class:`InProcess`, which
+:func:`run_units` uses, or the Ray actors of ``tasks/ray_units.py``), waiting for the units
+another live run holds (or running them here once that lease expires), with progress and the
+run's lease owner. Every executor runs each unit through :func:`run_leased`: skip a unit whose
+marker checks out, take its lease, load its model unless the one held has the same
+``model_key``, run it while renewing the lease, release the lease. So a rerun resumes, a killed
+run loses at most its units in flight, and runs of one root at the same time compute each unit
+once.
 """
 
 from __future__ import annotations
@@ -254,7 +257,7 @@ def poll_seconds(lease_seconds: float) -> float:
 
 @dataclass
 class RunStats:
-    """What :func:`run_units` (or the Ray runner) did with its units."""
+    """What :func:`run_with` did with its units."""
 
     planned: int = 0
     skipped: int = 0   # done already, or finished by another run meanwhile
