@@ -211,6 +211,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     with pytest.raises(ConfigError, match="different run") as err:
         T.train(_model(), train, _spec(steps=6, lr=5e-3), out_dir=tmp_path / "cut")
     assert "\n" not in str(err.value)
+    # unless the caller owns the folder (restart_stale): the stale run goes and this one starts
+    # afresh, with the weights and log of a run in an empty folder
+    other = _spec(steps=6, lr=5e-3, save_at=[3], eval_every=1)
+    fresh, restarted = _model(), _model()
+    T.train(fresh, train, other, out_dir=tmp_path / "fresh", eval_tokens=evals)
+    r = T.train(restarted, train, other, out_dir=tmp_path / "cut", eval_tokens=evals, restart_stale=True)
+    assert r.resumed_from is None and C.checkpoint_steps(tmp_path / "cut") == C.checkpoint_steps(tmp_path / "fresh")
+    for (n, p), (_, q) in zip(fresh.named_parameters(), restarted.named_parameters()):
+        assert torch.equal(p, q), n
+    def untimed(folder):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in C.read_metrics(folder)]
+    assert untimed(tmp_path / "cut") == untimed(tmp_path / "fresh")
 
 
 def test_per_domain_eval_equals_a_naive_loop(tmp_path):

@@ -377,9 +377,12 @@ def _tokenizer_files(source) -> Path | None:
 
 
 def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooSpec | None = None,
-             progress: bool = False) -> Path:
+             progress: bool = False, restart_stale: bool = False) -> Path:
     """Fine-tune the base model of ``spec`` on its domain; returns ``{out_dir}/{method}/final``
-    (a plain model folder, LoRA merged). See the module doc for the layout."""
+    (a plain model folder, LoRA merged). See the module doc for the layout. The run is keyed by
+    the base model's name, revision and weights (not the path it is reached by), the spec and
+    the training settings; ``restart_stale``: checkpoints of another key in ``out_dir`` are
+    removed instead of refused (:func:`dispersion.training.train.train`)."""
     from dispersion.core.folders import publishing, read_marker
     from dispersion.measure.modeling import load_model, load_tokenizer, quiet_transformers, source_fingerprint
     from dispersion.training.train import train
@@ -392,7 +395,7 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
     tokenizer = load_tokenizer(base, field="finetune.zoo" if spec.zoo else "finetune.id")
     train_tokens, eval_tokens = finetune_tokens(spec, tokenizer, zoo)
     tspec = train_spec(spec, int(train_tokens[spec.domain].size))
-    run_key = {"base": base.describe(), "fingerprint": source_fingerprint(base),
+    run_key = {"base": [spec.model_name, base.revision], "fingerprint": source_fingerprint(base),
                "spec": spec.model_dump(mode="json", exclude={"device", "eval_every", "eval_batches", "save_at",
                                                              "eval_splits", "control"}),
                "train": tspec.weights_key("")}
@@ -408,7 +411,8 @@ def finetune(spec: FinetuneSpec | dict, out_dir: str | os.PathLike, *, zoo: ZooS
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tok_src = _tokenizer_files(base) or tokenizer
         result = train(model, train_tokens, tspec, out_dir=root, eval_tokens=eval_tokens, tokenizer=tok_src,
-                       export=_save_merged if spec.method == "lora" else None, run_key=run_key, progress=progress)
+                       export=_save_merged if spec.method == "lora" else None, run_key=run_key, progress=progress,
+                       restart_stale=restart_stale)
         if spec.method == "lora":
             with publishing(root / ADAPTER) as adapter:
                 model.save_pretrained(adapter)
@@ -533,7 +537,7 @@ def finetune_and_measure(base: Any, run: FinetuneRun) -> pa.Table:
     for old in [out.parent / run.stem, *out.parent.glob(f"{run.stem}-*")]:
         if old != out and old.is_dir() and len(old.name) - len(run.stem) in (0, 13):
             shutil.rmtree(old, ignore_errors=True)
-    final = finetune(run.spec, out, zoo=run.zoo)
+    final = finetune(run.spec, out, zoo=run.zoo, restart_stale=True)  # the folder is keyed by base and spec
     return dispersion_before_after(run.spec, final, zoo=run.zoo, num_segments=run.num_segments,
                                    segment_length=run.segment_length, pool=run.pool, seed=run.seed,
                                    batch_size=run.batch_size, device=run.device)

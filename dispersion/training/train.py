@@ -63,6 +63,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -363,7 +364,8 @@ def evaluate(model, windows: Mapping[Any, Any], batch_size: int, *, device=None,
 def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | os.PathLike,
           eval_tokens: Mapping[tuple[str, str], Any] | None = None, aux_loss: Callable | None = None,
           on_eval: Callable[[int, dict], None] | None = None, tokenizer=None, export: Callable | None = None,
-          run_key: object = None, mirror: Mirror | None = None, progress: bool = False) -> TrainResult:
+          run_key: object = None, mirror: Mirror | None = None, progress: bool = False,
+          restart_stale: bool = False) -> TrainResult:
     """Train ``model`` (a ``transformers`` causal LM, possibly wrapped by ``peft``) in place.
 
     ``tokens``: ``{domain: ids}`` training data; ``eval_tokens``: ``{(domain, split): ids}``;
@@ -375,6 +377,8 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     ``out_dir``'s checkpoints belong to this run; ``mirror``: a store copy of the run
     (``checkpoints.Mirror``): every checkpoint and the metrics log are uploaded as they are
     written, and a newer stored checkpoint than any in ``out_dir`` is pulled and resumed from.
+    Checkpoints of another run in ``out_dir`` are an error, or, with ``restart_stale`` (a folder
+    the caller owns and keys itself), removed so that training starts afresh.
     The model is moved to ``spec.device`` and left there in eval mode. See the module doc.
     """
     import torch
@@ -415,12 +419,16 @@ def train(model, tokens: Mapping[str, Any], spec: TrainSpec, *, out_dir: str | o
     if mirror is not None:
         mirror.sync_down(out, key)
     done = checkpoint_steps(out)
-    if done:
-        last = out / f"step{done[-1]}"
-        state = json.loads((last / STATE_FILE).read_text())
-        if state.get("key") != key:
+    if done and json.loads((out / f"step{done[-1]}" / STATE_FILE).read_text()).get("key") != key:
+        if not restart_stale:
             raise ConfigError(f"train: {out} holds checkpoints of a different run (spec or model changed); "
                               f"use another out_dir or remove it")
+        for step in done:  # the caller's own folder: the stale run goes, this one starts afresh
+            shutil.rmtree(out / f"step{step}")
+        metrics_path.unlink(missing_ok=True)
+        done = []
+    if done:
+        last = out / f"step{done[-1]}"
         load_checkpoint(model, optimizer, last, device)
         start = resumed = done[-1]
         checkpoints = {s: out / f"step{s}" for s in done}
