@@ -31,15 +31,6 @@ from dispersion.training.zoo import build_zoo
 
 
 @dataclass
-class ScanResult:
-    stats: ScanStats
-    tables: dict[str, pa.Table]
-    report: dict[str, str]
-    catalog: str
-    run_id: str | None  # the scan's manifest
-
-
-@dataclass
 class Aggregated:
     """What :func:`aggregate` published: the result tables, the report's URLs (``plot``,
     ``summary``, ``html``), the catalog's path, and the id of the scan's manifest (``None``
@@ -48,7 +39,14 @@ class Aggregated:
     tables: dict[str, pa.Table]
     report: dict[str, str]
     catalog: str
-    run_id: str | None = None
+    run_id: str | None
+
+
+@dataclass
+class ScanResult(Aggregated):
+    """What :func:`run_scan` did: the scan's stats and what it published."""
+
+    stats: ScanStats
 
 
 def aggregate(config: RunConfig, store: Store, units: list[WorkUnit],
@@ -188,4 +186,4 @@ def run_scan(config: RunConfig, *, root: str | None = None, progress: bool = Tru
     units = plan(config, store, log=log, bin_size=config.analysis.bin_size)
     stats = execute(units, config, store, progress=progress, log=log)
     done = aggregate(config, store, units, log=log, progress=progress, scan=stats)
-    return ScanResult(stats, done.tables, done.report, done.catalog, done.run_id)
+    return ScanResult(done.tables, done.report, done.catalog, done.run_id, stats)

@@ -5,8 +5,8 @@ One actor per GPU (``ray.num_gpus``) or per CPU slot (``ray.num_cpus``). Each ac
 queue in which the units of one model are contiguous (:func:`dispersion.measure.units.balance`),
 so a model is loaded once per chunk; with more actors than models, large models are split.
 Every unit kind runs the same way: a scan's shard, a kNN-LM datastore or evaluation shard, a
-query-set shard, a step's table. Actors restart when their process dies (``max_restarts``) and their pending
-calls are retried; a retried call first checks the unit's done marker, and outputs are
+query-set shard, a step's table. Actors restart when their process dies (``max_restarts``) and
+their pending calls are retried; a retried call first checks the unit's done marker, and outputs are
 published atomically, so a crash never duplicates or loses a row. Each unit runs under a lease
 of this run (:func:`dispersion.measure.units.run_leased`): a retry re-takes it at once, and
 another run of the same root waits for it instead of computing it again.
@@ -164,8 +164,8 @@ class RayActors:
 def run_on_ray(units: Sequence[Unit], root: str, spec: RaySpec, *,
                progress: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
                owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> RunStats:
-    """Run every pending unit on Ray actors: :func:`dispersion.measure.units.run_with`
-    :class:`RayActors`; ``progress`` gets the marker of each unit that ran, with ``elapsed``.
+    """Run every pending unit on Ray actors (:func:`dispersion.measure.units.run_with` with
+    :class:`RayActors`); ``progress`` gets the marker of each unit that ran, with ``elapsed``.
     Units run under leases owned by ``owner`` (pass the same owner to a retry of this run)."""
     actors = RayActors(root, spec, lease_seconds)
     return run_with(actors, units, Store(root), progress=False, log=log, owner=owner, lease_seconds=lease_seconds,

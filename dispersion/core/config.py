@@ -422,7 +422,6 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-
 COMMAND_LINE_BINS = 10  # bins per sample of a command-line run that sets no analysis.bin_size
 
 # The base of a command line that names models but no config: the embedded corpus's two

@@ -522,8 +522,9 @@ class FinetuneRun:
     device: str
 
     def key(self) -> str:
-        """What changes the numbers (the base weights are the unit's own fingerprint)."""
-        return digest({"spec": self.spec.model_dump(mode="json"), "out": self.out, "segments": self.num_segments,
+        """What changes the numbers (the base weights are the unit's own fingerprint; where the
+        fine-tuned model is kept does not count)."""
+        return digest({"spec": self.spec.model_dump(mode="json"), "segments": self.num_segments,
                        "length": self.segment_length, "pool": self.pool, "seed": self.seed})
 
 
